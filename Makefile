@@ -1,0 +1,20 @@
+# The two commands of the quick start. Each bootstraps what is missing first (scripts/bootstrap.sh).
+PY := .venv/bin/python
+ARGS ?=
+
+.PHONY: run test test-fast lint bootstrap
+
+bootstrap:
+	bash scripts/bootstrap.sh
+
+run: bootstrap
+	$(PY) -m experiments.run projector=attention $(ARGS)
+
+test: bootstrap
+	$(PY) -m pytest $(ARGS)
+
+test-fast: bootstrap
+	$(PY) -m pytest -m "not engine" $(ARGS)
+
+lint: bootstrap
+	$(PY) -m ruff check .

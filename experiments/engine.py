@@ -1,0 +1,61 @@
+"""One place that starts vLLM: engine arguments per device, CPU thread binding, prompts.
+
+Any script that builds `vllm.LLM` must run under `if __name__ == "__main__":` (the engine
+core is a spawned process).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+# Measured 2x on 2-core machines (PLATFORM.md): bind the worker to all cores instead of
+# reserving one for the engine process. Recorded with every result (`cpu_binding()`).
+CPU_BINDING = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{max(os.cpu_count() or 1, 1) - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+TRANSCRIBE_PROMPT = "Transcribe the audio."
+
+
+def has_cuda() -> bool:
+    return shutil.which("nvidia-smi") is not None and _torch_cuda()
+
+
+def _torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_binding() -> dict[str, str]:
+    """Apply the CPU thread binding unless the user set it; return what is in force."""
+    for key, value in CPU_BINDING.items():
+        os.environ.setdefault(key, value)
+    return {k: os.environ[k] for k in CPU_BINDING}
+
+
+def engine_kwargs(model_dir: str | Path, **overrides: Any) -> dict[str, Any]:
+    """Arguments for `vllm.LLM(**kwargs)`: float32/eager and a CPU KV-cache share on CPU,
+    bf16 on CUDA. `overrides` win (e.g. max_num_seqs, hf_overrides)."""
+    kwargs: dict[str, Any] = dict(
+        model=str(model_dir),
+        max_model_len=2048,
+        limit_mm_per_prompt={"audio": 1},
+        seed=0,
+    )
+    if has_cuda():
+        kwargs.update(dtype="bfloat16", gpu_memory_utilization=0.85)
+    else:
+        cpu_binding()
+        kwargs.update(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def chat_prompt(tokenizer, text: str = TRANSCRIBE_PROMPT) -> str:
+    """The single-audio chat prompt served by `vllm serve` (chat completions) and used in
+    offline evaluation and training, so all three see the same tokens."""
+    content = f"Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n{text}"
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )

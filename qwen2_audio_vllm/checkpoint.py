@@ -1,0 +1,241 @@
+"""Checkpoint format: build, export and load Qwen2-Audio directories with a swappable projector.
+
+A checkpoint is a standard Qwen2-Audio directory (config.json, tokenizer, processor,
+model.safetensors in the hub key layout) whose config.json says
+`"architectures": ["Qwen2AudioSwapForConditionalGeneration"]` and carries a
+`"projector": {"name": ..., ...}` block (see projectors.projector_block). With the package
+installed, `vllm serve <dir>` and `vllm.LLM(<dir>)` load it through the plugin.
+
+`build_tiny_checkpoint` writes a small random-weight model offline (own BPE tokenizer,
+Whisper feature extractor, chat template), deterministic given its spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (
+    GenerationConfig,
+    Qwen2AudioConfig,
+    Qwen2AudioProcessor,
+    Qwen2TokenizerFast,
+    WhisperFeatureExtractor,
+)
+
+from projectors import build_projector
+from qwen2_audio_vllm.hf import Qwen2AudioSwap
+
+from qwen2_audio_vllm.plugin import ARCHITECTURE  # noqa: E402  (one name, one place)
+UPSTREAM_ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
+WEIGHTS = "model.safetensors"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
+# Qwen2-Audio-Instruct's chat layout without the default system turn. Message content is a
+# string: vLLM puts "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>" into it for audio parts.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def cache_root() -> Path:
+    """Where built models, data and encoder caches live (outside clones, shared by CI)."""
+    return Path(os.environ.get("Q2AP_CACHE", Path.home() / ".cache" / "qwen2-audio-projectors"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TinySpec:
+    """Sizes of the tiny default model. vLLM CPU attention needs LLM head_dim >= 64;
+    chunk_length=30 / 1500 positions keeps it loadable by upstream vLLM's own class."""
+
+    seed: int = 0
+    n_mels: int = 80
+    chunk_length: int = 30
+    encoder_dim: int = 128
+    encoder_layers: int = 2
+    encoder_heads: int = 2
+    encoder_ffn: int = 512
+    text_dim: int = 128
+    text_layers: int = 2
+    text_heads: int = 2
+    text_ffn: int = 512
+    vocab_size: int = 1000
+    projector: tuple[tuple[str, Any], ...] = (("name", "linear"), ("stack", 1))
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int) -> Qwen2TokenizerFast:
+    """Byte-level BPE trained on `texts` (any text stays encodable through the byte alphabet)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return Qwen2TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+
+
+def build_processor(tokenizer: Qwen2TokenizerFast, n_mels: int, chunk_length: int) -> Qwen2AudioProcessor:
+    fe = WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=16000, chunk_length=chunk_length, hop_length=160)
+    return Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def make_config(spec: TinySpec, tokenizer: Qwen2TokenizerFast) -> Qwen2AudioConfig:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    cfg = Qwen2AudioConfig(
+        audio_config=dict(
+            model_type="qwen2_audio_encoder",
+            num_mel_bins=spec.n_mels,
+            d_model=spec.encoder_dim,
+            encoder_layers=spec.encoder_layers,
+            encoder_attention_heads=spec.encoder_heads,
+            encoder_ffn_dim=spec.encoder_ffn,
+            max_source_positions=spec.chunk_length * 50,
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=len(tokenizer),
+            hidden_size=spec.text_dim,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads,
+            num_key_value_heads=spec.text_heads,
+            intermediate_size=spec.text_ffn,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+        ),
+        audio_token_index=ids["<|AUDIO|>"],
+    )
+    cfg.projector = dict(spec.projector)
+    return cfg
+
+
+def build_tiny_checkpoint(out_dir: str | Path, texts: Iterable[str], spec: TinySpec = TinySpec()) -> Path:
+    """Write a random-weight tiny Qwen2-Audio checkpoint (deterministic given `spec.seed`)."""
+    tokenizer = build_tokenizer(texts, spec.vocab_size)
+    processor = build_processor(tokenizer, spec.n_mels, spec.chunk_length)
+    config = make_config(spec, tokenizer)
+    torch.manual_seed(spec.seed)
+    model = Qwen2AudioSwap(config)
+    return save_checkpoint(model, processor, out_dir)
+
+
+def save_checkpoint(model: Qwen2AudioSwap, processor: Qwen2AudioProcessor, out_dir: str | Path) -> Path:
+    """Export `model` as a vLLM-loadable directory: hub key layout, projector block,
+    architecture of the fork. Written into a temp dir and renamed, so a reader never sees
+    a half-written checkpoint."""
+    from projectors import projector_block
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    config = model.config
+    config.projector = projector_block(model.multi_modal_projector)
+    config.architectures = [ARCHITECTURE]
+    config.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    tok = processor.tokenizer
+    GenerationConfig(
+        eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")],
+        pad_token_id=tok.pad_token_id,
+        do_sample=False,
+    ).save_pretrained(tmp)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_config(ckpt_dir: str | Path, projector: Mapping[str, Any] | None = None) -> Qwen2AudioConfig:
+    """config.json of a checkpoint, optionally with a different projector block."""
+    config = Qwen2AudioConfig.from_pretrained(ckpt_dir)
+    if projector is not None:
+        config.projector = dict(projector)
+    if not isinstance(getattr(config, "projector", None), Mapping):
+        raise ValueError(
+            f"{ckpt_dir}/config.json has no 'projector' block; expected e.g. "
+            '"projector": {"name": "linear", "stack": 1}. Add one (a released Qwen2-Audio '
+            'checkpoint uses {"name": "linear", "stack": 1}).'
+        )
+    return config
+
+
+def check_projector_weights(
+    block: Mapping[str, Any],
+    expected: Mapping[str, torch.Size],
+    found: Mapping[str, torch.Size],
+    partial: bool = False,
+) -> None:
+    """Raise if the checkpoint's projector tensors do not fit the declared projector.
+    `partial`: `found` is only what was read so far, so absent keys are not yet missing."""
+    prefix = "multi_modal_projector."
+    exp = {k: tuple(v) for k, v in expected.items() if k.startswith(prefix)}
+    got = {k: tuple(v) for k, v in found.items() if k.startswith(prefix)}
+    if partial:
+        exp = {k: v for k, v in exp.items() if k in got}
+    if exp != got:
+        missing = {k: exp[k] for k in exp.keys() - got.keys()}
+        unexpected = {k: got[k] for k in got.keys() - exp.keys()}
+        shapes = {k: (exp[k], got[k]) for k in exp.keys() & got.keys() if exp[k] != got[k]}
+        raise ValueError(
+            f"checkpoint weights do not match the declared projector {dict(block)}: "
+            f"missing {missing or 'none'}; unexpected {unexpected or 'none'}; "
+            f"shape (expected, found) {shapes or 'none'}. The 'projector' block in config.json "
+            "must describe the projector the weights were trained with."
+        )
+
+
+def load_model(ckpt_dir: str | Path, projector: Mapping[str, Any] | None = None, load_projector: bool = True) -> Qwen2AudioSwap:
+    """The HF twin with the checkpoint's weights. With `projector` given, that projector is
+    built instead of the checkpoint's, freshly initialised (load_projector=False) or loaded."""
+    config = load_config(ckpt_dir, projector)
+    model = Qwen2AudioSwap(config)
+    state = load_file(Path(ckpt_dir) / WEIGHTS)
+    expected = model.state_dict()
+    if load_projector:
+        check_projector_weights(config.projector, {k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in state.items()})
+    else:
+        state = {k: v for k, v in state.items() if not k.startswith("multi_modal_projector.")}
+        state.update({k: v for k, v in expected.items() if k.startswith("multi_modal_projector.")})
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def load_processor(ckpt_dir: str | Path) -> Qwen2AudioProcessor:
+    return Qwen2AudioProcessor.from_pretrained(ckpt_dir)
