@@ -59,3 +59,48 @@ def chat_prompt(tokenizer, text: str = TRANSCRIBE_PROMPT) -> str:
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )
+
+
+def make_llm(model_dir: str | Path, **overrides: Any):
+    """Validate the checkpoint (clear errors before any process starts), then `vllm.LLM`."""
+    from vllm import LLM
+
+    from qwen2_audio_vllm.checkpoint import validate_checkpoint
+
+    validate_checkpoint(model_dir)
+    return LLM(**engine_kwargs(model_dir, **overrides))
+
+
+def close_llm(llm) -> None:
+    """Stop the engine's processes now (rather than at garbage collection)."""
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def audio_request(prompt: str, audio) -> dict[str, Any]:
+    """One offline request: a prompt with one <|AUDIO|> and 16 kHz float samples."""
+    return {"prompt": prompt, "multi_modal_data": {"audio": (audio, 16000)}}
+
+
+class EmbedAudio:
+    """`llm.apply_model(EmbedAudio(features, mask))` -> [the engine model's audio embeddings,
+    one (n_i, d_text) tensor per clip]: what the served model merges into the prompt.
+    Needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 before the engine starts (it ships this object
+    to the worker)."""
+
+    def __init__(self, input_features, feature_attention_mask) -> None:
+        self.input_features, self.feature_attention_mask = input_features, feature_attention_mask
+
+    def __call__(self, model) -> list:
+        import torch
+
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            emb = model.embed_multimodal(
+                input_features=self.input_features.to(device),
+                feature_attention_mask=self.feature_attention_mask.to(device),
+            )
+        return [e.float().cpu() for e in emb]

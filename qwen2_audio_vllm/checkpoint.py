@@ -32,8 +32,8 @@ from transformers import (
 
 from projectors import build_projector
 from qwen2_audio_vllm.hf import Qwen2AudioSwap
-
 from qwen2_audio_vllm.plugin import ARCHITECTURE  # noqa: E402  (one name, one place)
+
 UPSTREAM_ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
 WEIGHTS = "model.safetensors"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
@@ -239,3 +239,41 @@ def load_model(ckpt_dir: str | Path, projector: Mapping[str, Any] | None = None,
 
 def load_processor(ckpt_dir: str | Path) -> Qwen2AudioProcessor:
     return Qwen2AudioProcessor.from_pretrained(ckpt_dir)
+
+
+def derive_checkpoint(
+    base_dir: str | Path, projector: Mapping[str, Any], out_dir: str | Path, seed: int = 0
+) -> Path:
+    """A copy of `base_dir` with a freshly initialised (seeded) `projector` in place of its own."""
+    torch.manual_seed(seed)
+    model = load_model(base_dir, projector=projector, load_projector=False)
+    return save_checkpoint(model, load_processor(base_dir), out_dir)
+
+
+def validate_checkpoint(ckpt_dir: str | Path) -> Qwen2AudioConfig:
+    """Cheap checks before an engine starts (reads config and safetensors headers only):
+    the projector block builds for the base dims, the weights fit it, the tokenizer has
+    every special token. Raises ValueError naming expected vs found."""
+    from safetensors import safe_open
+
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "config.json").is_file():
+        raise ValueError(f"{ckpt_dir} is not a checkpoint directory (no config.json)")
+    config = load_config(ckpt_dir)
+    with torch.device("meta"):
+        projector = build_projector(config.projector, config.audio_config.d_model, config.text_config.hidden_size)
+    expected = {f"multi_modal_projector.{k}": v.shape for k, v in projector.state_dict().items()}
+    found = {}
+    for shard in sorted(ckpt_dir.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():
+                if key.startswith("multi_modal_projector."):
+                    found[key] = torch.Size(f.get_slice(key).get_shape())
+    check_projector_weights(config.projector, expected, found)
+    vocab = json.loads((ckpt_dir / "tokenizer.json").read_text())["added_tokens"] if (ckpt_dir / "tokenizer.json").exists() else []
+    have = {t["content"] for t in vocab}
+    if vocab and (missing := [t for t in SPECIAL_TOKENS if t not in have]):
+        raise ValueError(
+            f"{ckpt_dir}/tokenizer.json lacks special tokens {missing}; expected all of {SPECIAL_TOKENS}"
+        )
+    return config

@@ -11,10 +11,28 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers import Qwen2AudioConfig, Qwen2ForCausalLM
 from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 
 from projectors import Projector, build_projector
+
+
+def expand_audio_placeholders(
+    input_ids: list[int], n_tokens: list[int], audio_token_id: int
+) -> list[int]:
+    """Replace the i-th single <|AUDIO|> of a prompt with n_tokens[i] copies, as vLLM's
+    processor does."""
+    out, i = [], 0
+    for t in input_ids:
+        if t == audio_token_id:
+            out += [audio_token_id] * int(n_tokens[i])
+            i += 1
+        else:
+            out.append(t)
+    if i != len(n_tokens):
+        raise ValueError(f"prompt has {i} <|AUDIO|> placeholders for {len(n_tokens)} audio clips")
+    return out
 
 
 def encoder_lengths(mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,19 +56,31 @@ class Qwen2AudioSwap(nn.Module):
         return self.config.audio_token_id
 
     def encode_audio(
-        self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor
+        self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor, trim: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen-encoder part: mel (B, n_mels, L) + mask (B, L) -> pooled frames
-        (B, L/4, d_audio) and their valid lengths (B,). Same masking as the vLLM fork."""
+        (B, T, d_audio), T <= L/4, and their valid lengths (B,). Masking as in the vLLM fork.
+
+        trim=True runs the encoder only over the longest clip (+ a conv margin) instead of the
+        whole 30 s window: padded frames are masked out of attention and the convolutions
+        reach one frame past a clip, so the valid frames equal the full-window result (to
+        float rounding) at a fraction of the cost. trim=False is the reference path."""
         conv_len, pooled_len = encoder_lengths(feature_attention_mask.sum(-1))
-        B, _, L = input_features.shape
-        T = (L - 2) // 2 + 1
-        padding = torch.arange(T, device=conv_len.device)[None, :] >= conv_len[:, None]  # (B, T)
-        mask = padding[:, None, None, :].expand(B, 1, T, T)
-        attn = torch.zeros(mask.shape, dtype=self.audio_tower.conv1.weight.dtype, device=mask.device)
-        attn[mask] = float("-inf")
-        frames = self.audio_tower(input_features, attention_mask=attn).last_hidden_state
-        return frames, pooled_len
+        if trim:
+            keep = min(input_features.shape[-1], int(feature_attention_mask.sum(-1).max()) + 8)
+            input_features = input_features[..., : keep + keep % 2]
+        tower = self.audio_tower
+        x = input_features.to(tower.conv1.weight.dtype)
+        x = F.gelu(tower.conv2(F.gelu(tower.conv1(x)))).permute(0, 2, 1)  # (B, T_conv, d)
+        B, T, _ = x.shape
+        x = x + tower.embed_positions.weight[:T]
+        padding = torch.arange(T, device=x.device)[None, :] >= conv_len[:, None]  # (B, T)
+        attn = torch.zeros((B, 1, T, T), dtype=x.dtype, device=x.device)
+        attn.masked_fill_(padding[:, None, None, :], float("-inf"))
+        for layer in tower.layers:
+            x = layer(x, attn)
+        x = tower.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)  # (B, T_conv // 2, d)
+        return tower.layer_norm(x), pooled_len
 
     def project(self, frames: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         """Pooled frames (B, T, d_audio) + lengths (B,) -> one (n_i, d_text) tensor per clip,
@@ -109,3 +139,29 @@ class Qwen2AudioSwap(nn.Module):
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
         )
+
+
+@torch.no_grad()
+def greedy_transcribe(
+    model: Qwen2AudioSwap, processor, audios: list, prompt: str, max_new_tokens: int = 32
+) -> tuple[list[list[int]], list[int]]:
+    """HF reference decoding of one prompt per clip (16 kHz float arrays).
+    Returns (new token ids per clip, audio placeholder count per clip)."""
+    fe = processor.feature_extractor
+    feats = fe(audios, sampling_rate=fe.sampling_rate, return_attention_mask=True,
+               padding="max_length", return_tensors="pt")
+    audio = model.audio_embeddings(feats["input_features"], feats["attention_mask"])
+    counts = [a.shape[0] for a in audio]
+    ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    rows = [expand_audio_placeholders(ids, [n], model.audio_token_id) for n in counts]
+    width = max(map(len, rows))
+    pad = processor.tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left-padded
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    eos = model.config.text_config.eos_token_id
+    out = model.generate_greedy(input_ids, attention_mask, audio, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    tokens = []
+    for row in out.tolist():
+        row = row[: row.index(eos) + 1] if eos in row else row
+        tokens.append(row)
+    return tokens, counts

