@@ -43,21 +43,10 @@ from transformers.models.qwen2_audio import (
     Qwen2AudioProcessor,
 )
 from transformers.models.whisper import WhisperFeatureExtractor
+
 from vllm.config import VllmConfig
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.inputs import ModalityData, MultiModalDataDict
-
-# fork: absolute imports (this file lives outside vLLM) and the projector families
-from vllm.model_executor.models.interfaces import (
-    MultiModalEmbeddings,
-    SupportsMultiModal,
-    SupportsPP,
-)
-from vllm.model_executor.models.utils import (
-    AutoWeightsLoader,
-    init_vllm_registered_model,
-    maybe_prefix,
-)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import (
     AudioItem,
@@ -83,6 +72,17 @@ from vllm.sequence import IntermediateTensors
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
+# fork: absolute imports (this file lives outside vLLM) and the projector families
+from vllm.model_executor.models.interfaces import (
+    MultiModalEmbeddings,
+    SupportsMultiModal,
+    SupportsPP,
+)
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    init_vllm_registered_model,
+    maybe_prefix,
+)
 from projectors import Projector, build_projector
 from qwen2_audio_vllm.checkpoint import check_projector_weights
 
