@@ -39,3 +39,61 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def ensure_data(data: dict, artifacts: Path) -> dict[str, Path]:
+    """{split: manifest} for the `data` config group (synthetic | librispeech | manifest)."""
+    from experiments.data import librispeech_manifest
+
+    if data["name"] == "synthetic":
+        return ensure_synthetic(SyntheticSpec(seed=data["seed"], train=data["train"], dev=data["dev"], test=data["test"]))
+    if data["name"] == "librispeech":
+        out = {}
+        for split in ("train", "dev", "test"):
+            path = artifacts / "manifests" / f"librispeech-{split}-{_short_hash(data[split])}.jsonl"
+            out[split] = path if path.exists() else librispeech_manifest(data[split], _mkparent(path))
+        return out
+    if data["name"] == "manifest":
+        out = {split: Path(data[split]) for split in ("train", "dev", "test")}
+        missing = [str(p) for p in out.values() if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"manifest files not found: {missing}; set data.train/dev/test")
+        return out
+    raise ValueError(f"unknown data.name {data['name']!r}; expected synthetic, librispeech or manifest")
+
+
+def ensure_base(model: dict, manifests: dict[str, Path], artifacts: Path) -> Path:
+    """The base checkpoint: `model.path` adopted as is (a local Qwen2-Audio directory gets a
+    projector block), or, when null, the tiny model pretrained on the train split."""
+    import json
+
+    from qwen2_audio_vllm.checkpoint import adopt_checkpoint
+
+    if model.get("path"):
+        return adopt_checkpoint(Path(model["path"]), artifacts / "base")
+    spec = TinySpec()
+    p = model["pretrain"]
+    key = _short_hash(json.dumps([spec.key(), p, str(manifests["train"]), str(manifests["dev"])], sort_keys=True))
+    out = cache_root() / "models" / f"tiny-base-{key}"
+    if (out / "pretrain.json").exists():
+        return out
+    from experiments.data import read_manifest
+    from experiments.train import TrainSettings, pretrain
+
+    settings = TrainSettings(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], warmup=p["warmup"], eval_every=p["eval_every"])
+    result = pretrain(ensure_random_tiny(spec), read_manifest(manifests["train"]), read_manifest(manifests["dev"]), out, settings)
+    from experiments.report import write_json_atomic
+
+    write_json_atomic(out / "pretrain.json", result)
+    return out
+
+
+def _short_hash(s: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(s).encode()).hexdigest()[:12]
+
+
+def _mkparent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

@@ -102,7 +102,7 @@ def fit(
     torch.manual_seed(s.seed)
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     best, history, t0 = float("inf"), [], time.perf_counter()
-    bar = tqdm(zip(range(s.steps), batches(n_train, s.batch_size, s.seed)), total=s.steps, desc=desc)
+    bar = tqdm(zip(range(s.steps), batches(n_train, s.batch_size, s.seed), strict=False), total=s.steps, desc=desc)
     for step, idx in bar:
         model.train()
         for group in opt.param_groups:

@@ -1,12 +1,13 @@
 """Small-transformer connector over the encoder frames, with optional downsampling.
 
-    x (B, T, in_dim) --downsample="stack": concat k frames--> (B, ceil(T/k), k*in_dim)
+    x (B, T, in_dim) --stack=k: concat k frames--> (B, ceil(T/k), k*in_dim)
       --Linear--> (B, T1, width) --N pre-norm transformer layers (padded frames masked)-->
       --downsample="queries": q learned queries cross-attend to each window of w frames
         (window-level Q-Former)--> (B, ceil(T1/w)*q, width)
       --LayerNorm, Linear--> (B, T', out_dim)
 
-Token counts: stack -> ceil(T/k); queries -> ceil(T/w) * q; none -> T.
+Token counts: ceil(T/k) frames after stacking (k=1: T); downsample="queries" then gives
+ceil(that/w) * q tokens, downsample="none" keeps it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from projectors.base import Projector, check_stack, stack_frames, stacked_lengths
 
-DOWNSAMPLE = ("none", "stack", "queries")
+DOWNSAMPLE = ("none", "queries")
 
 
 class SelfAttentionBlock(nn.Module):
@@ -89,8 +90,6 @@ class AttentionProjector(Projector):
             raise ValueError(f"attention downsample must be one of {DOWNSAMPLE}, got {downsample!r}")
         if width % heads:
             raise ValueError(f"attention width ({width}) must be divisible by heads ({heads})")
-        if downsample != "stack" and stack != 1:
-            raise ValueError(f"stack={stack} needs downsample='stack' (got downsample={downsample!r})")
         if window < 1 or queries < 1:
             raise ValueError(f"window and queries must be >= 1, got window={window}, queries={queries}")
         self.width, self.layers, self.heads = width, layers, heads

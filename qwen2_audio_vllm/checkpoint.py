@@ -277,3 +277,28 @@ def validate_checkpoint(ckpt_dir: str | Path) -> Qwen2AudioConfig:
             f"{ckpt_dir}/tokenizer.json lacks special tokens {missing}; expected all of {SPECIAL_TOKENS}"
         )
     return config
+
+
+def adopt_checkpoint(src: Path, out_root: Path) -> Path:
+    """Make a released Qwen2-Audio directory servable by the fork without copying weights:
+    a sibling directory of symlinks whose config.json names the fork's architecture and the
+    original connector, {"name": "linear", "stack": 1}. A directory that already has a
+    projector block is used as it is."""
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{src} has no config.json; point model.path at a local Qwen2-Audio directory "
+            "(nothing is downloaded)"
+        )
+    config = json.loads((src / "config.json").read_text())
+    if isinstance(config.get("projector"), Mapping):
+        return src
+    out = out_root / f"{src.name}-{hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:8]}"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name != "config.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    config["architectures"] = [ARCHITECTURE]
+    config["projector"] = {"name": "linear", "stack": 1}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

@@ -20,8 +20,8 @@ VARIANTS = {
     "mlp-s2-swiglu": {"name": "mlp", "stack": 2, "activation": "swiglu", "pre_norm": True},
     "mlp-s4": {"name": "mlp", "stack": 4, "depth": 3},
     "attention-s1": {"name": "attention", "width": 128, "layers": 1, "heads": 2},
-    "attention-s2": {"name": "attention", "width": 128, "layers": 1, "heads": 2, "downsample": "stack", "stack": 2},
-    "attention-s4": {"name": "attention", "width": 128, "layers": 2, "heads": 2, "downsample": "stack", "stack": 4},
+    "attention-s2": {"name": "attention", "width": 128, "layers": 1, "heads": 2, "stack": 2},
+    "attention-s4": {"name": "attention", "width": 128, "layers": 2, "heads": 2, "stack": 4},
     "attention-q4x2": {"name": "attention", "width": 128, "layers": 1, "heads": 2, "downsample": "queries", "window": 4, "queries": 2},
 }
 

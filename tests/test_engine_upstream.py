@@ -90,6 +90,6 @@ def test_mismatch_rejected_by_engine_itself(mismatched, capfd):
 
 
 def test_derived_checkpoint_is_valid(tiny_base, tmp_path):
-    d = derive_checkpoint(tiny_base, {"name": "attention", "width": 128, "heads": 2, "downsample": "stack", "stack": 2}, tmp_path / "c")
+    d = derive_checkpoint(tiny_base, {"name": "attention", "width": 128, "heads": 2, "stack": 2}, tmp_path / "c")
     cfg = validate_checkpoint(d)
     assert cfg.projector["name"] == "attention" and cfg.projector["stack"] == 2

@@ -48,7 +48,7 @@ def cases() -> list[tuple[str, dict]]:
         out.append(
             (
                 f"attn-stack-s{stack}",
-                dict(name="attention", downsample="stack", stack=stack, **SMALL_ATTENTION),
+                dict(name="attention", stack=stack, **SMALL_ATTENTION),
             )
         )
     out.append(("attn-none", dict(name="attention", downsample="none", **SMALL_ATTENTION)))
@@ -202,7 +202,7 @@ def test_block_dims_must_match_base_model(key):
         dict(name="linear", stack=0),
         dict(name="linear", stack=1.5),
         dict(name="mlp", activation="relu"),
-        dict(name="attention", downsample="none", stack=2),
+        dict(name="attention", downsample="stack"),
         dict(name="attention", width=30, heads=4),
     ],
     ids=[
@@ -210,7 +210,7 @@ def test_block_dims_must_match_base_model(key):
         "stack0",
         "stack-float",
         "activation",
-        "stack-without-downsample",
+        "downsample-unknown",
         "width-heads",
     ],
 )
@@ -234,7 +234,6 @@ def test_from_hydra(target):
 def test_from_hydra_attention():
     node = {
         "_target_": "projectors.AttentionProjector",
-        "downsample": "stack",
         "stack": 2,
         **SMALL_ATTENTION,
     }

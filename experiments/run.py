@@ -1,0 +1,292 @@
+"""The main job: projector choice -> quality, throughput, results table and W&B.
+
+    python -m experiments.run projector=attention
+    python -m experiments.run -m projector=linear,mlp,attention projector.stack=1,4
+    python -m experiments.run projector=mlp stages=[evaluate,bench]
+
+Stages, each a plain function of the composed config and the outputs of earlier stages:
+prepare (data + base checkpoint) -> align (train the projector, encoder and LLM frozen) ->
+export (validate the vLLM checkpoint) -> evaluate (WER/CER through vLLM) -> bench (offline
+throughput, variant vs linear baseline) -> report (results.json, results table, Pareto
+plot, W&B). Stage outputs live under `artifacts_dir`, keyed by a hash of the config they
+depend on, so an existing one is reused unless `force` names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+STAGES = ("prepare", "align", "export", "evaluate", "bench", "report")
+
+
+def key_of(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def forced(cfg: DictConfig, stage: str) -> bool:
+    f = cfg.force
+    return bool(f) if isinstance(f, bool) else stage in f
+
+
+def projector_block(cfg: DictConfig, base_dir: Path) -> dict:
+    """The config.json block of the configured projector for this base model."""
+    import projectors
+    from qwen2_audio_vllm.checkpoint import load_config
+
+    base = load_config(base_dir)
+    node = OmegaConf.to_container(cfg.projector, resolve=True)
+    module = projectors.from_hydra(node, base.audio_config.d_model, base.text_config.hidden_size)
+    return projectors.projector_block(module)
+
+
+# --- stages -------------------------------------------------------------------------------
+
+
+def prepare(cfg: DictConfig, state: dict) -> dict:
+    """Data manifests and the base checkpoint exist (built once, cached)."""
+    from experiments import prepare as prep
+
+    manifests = prep.ensure_data(OmegaConf.to_container(cfg.data, resolve=True), Path(cfg.artifacts_dir))
+    base_dir = prep.ensure_base(OmegaConf.to_container(cfg.model, resolve=True), manifests, Path(cfg.artifacts_dir))
+    return {"manifests": {k: str(v) for k, v in manifests.items()}, "base_dir": str(base_dir)}
+
+
+def align_output(cfg: DictConfig, state: dict) -> tuple[dict, Any, Path]:
+    """(projector block, train settings, output dir) of the align stage for this config."""
+    from experiments.train import TrainSettings
+
+    block = projector_block(cfg, Path(state["base_dir"]))
+    settings = TrainSettings(**OmegaConf.to_container(cfg.train, resolve=True), seed=cfg.seed)
+    m = state["manifests"]
+    key = key_of(state["base_dir"], block, settings.__dict__, m["train"], m["dev"])
+    return block, settings, Path(cfg.artifacts_dir) / "align" / f"{block['name']}-{key}"
+
+
+def align(cfg: DictConfig, state: dict) -> dict:
+    from experiments.cache import load_or_build
+    from experiments.data import read_manifest
+    from experiments.train import align as train_align
+    from qwen2_audio_vllm.checkpoint import cache_root, load_config, load_model, load_processor
+
+    base_dir, manifests = Path(state["base_dir"]), state["manifests"]
+    block, settings, out = align_output(cfg, state)
+    done = out / "align.json"
+    if done.exists() and not forced(cfg, "align"):
+        return json.loads(done.read_text()) | {"reused": True}
+    if "align" not in cfg.stages:
+        raise RuntimeError(
+            f"the stages {list(cfg.stages)} need an aligned checkpoint, and none exists for this "
+            f"config ({out}); add align to stages"
+        )
+
+    model, processor = load_model(base_dir), load_processor(base_dir)
+    splits = {}
+    for split in ("train", "dev"):
+        rows = read_manifest(manifests[split])
+        cache_dir = cache_root() / "encoder" / f"{Path(base_dir).name}-{split}-{key_of(manifests[split])}"
+        frames, _ = load_or_build(model, processor, rows, cache_dir)
+        splits[split] = (frames, [r["text"] for r in rows])
+    init_from_base = block == load_config(base_dir).projector
+    result = train_align(base_dir, block, splits["train"], splits["dev"], out / "checkpoint", settings, init_from_base)
+    result |= {"checkpoint": str(out / "checkpoint"), "projector": block, "init_from_base": init_from_base}
+    from experiments.report import write_json_atomic
+
+    write_json_atomic(done, result)
+    return result
+
+
+def export(cfg: DictConfig, state: dict) -> dict:
+    """The aligned checkpoint is a valid vLLM directory; record what it holds."""
+    import torch
+
+    from qwen2_audio_vllm.checkpoint import validate_checkpoint
+
+    ckpt = Path(state["checkpoint"])
+    config = validate_checkpoint(ckpt)
+    from projectors import build_projector
+
+    proj = build_projector(config.projector, config.audio_config.d_model, config.text_config.hidden_size)
+    return {
+        "checkpoint": str(ckpt),
+        "projector_params": sum(p.numel() for p in proj.parameters()),
+        "audio_tokens_per_30s": int(proj.output_lengths(torch.tensor([750]))),
+        "serve_command": f"vllm serve {ckpt}",
+    }
+
+
+def _engine_overrides(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg.model.engine, resolve=True)
+
+
+def evaluate(cfg: DictConfig, state: dict) -> dict:
+    from experiments.data import read_manifest
+    from experiments.engine import close_llm, make_llm
+    from experiments.evaluate import evaluate as run_eval
+
+    ckpt = Path(state["checkpoint"])
+    rows = read_manifest(state["manifests"]["test"])
+    if cfg.data.eval_limit:
+        rows = rows[: cfg.data.eval_limit]
+    key = key_of(str(ckpt), (ckpt / "model.safetensors").stat().st_mtime, state["manifests"]["test"], len(rows))
+    out = Path(cfg.artifacts_dir) / "evaluate" / key
+    done = out / "metrics.json"
+    if done.exists() and not forced(cfg, "evaluate"):
+        return json.loads(done.read_text()) | {"reused": True}
+    llm = make_llm(ckpt, **_engine_overrides(cfg))
+    try:
+        metrics = run_eval(llm, rows, out)
+    finally:
+        close_llm(llm)
+    from experiments.report import write_json_atomic
+
+    metrics["utterances"] = str(out / "utterances.jsonl")
+    write_json_atomic(done, metrics)
+    return metrics
+
+
+def bench(cfg: DictConfig, state: dict) -> dict:
+    from experiments.bench import bench_pair
+    from experiments.data import read_manifest
+
+    ckpt, base = Path(state["checkpoint"]), Path(state["base_dir"])
+    b = OmegaConf.to_container(cfg.bench, resolve=True)
+    key = key_of(str(ckpt), (ckpt / "model.safetensors").stat().st_mtime, str(base), b)
+    out = Path(cfg.artifacts_dir) / "bench" / key
+    done = out / "bench.json"
+    if done.exists() and not forced(cfg, "bench"):
+        return json.loads(done.read_text()) | {"reused": True}
+    overrides = _engine_overrides(cfg) | {"max_num_seqs": b["max_num_seqs"]}
+    result = bench_pair(ckpt, base, read_manifest(state["manifests"]["test"]), b["lengths_s"], b["requests"], b["max_tokens"], overrides)
+    from experiments.report import write_json_atomic
+
+    write_json_atomic(done, result)
+    return result
+
+
+def report(cfg: DictConfig, state: dict) -> dict:
+    from experiments.report import (
+        append_results_row,
+        log_wandb,
+        plot_pareto,
+        run_metadata,
+        write_json_atomic,
+    )
+
+    run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    results = {
+        "name": run_name(cfg),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "metadata": run_metadata(),
+        "stages": state["stage_results"],
+        "timings_s": state["timings"],
+    }
+    write_json_atomic(run_dir / "results.json", results)
+    row = results_row(cfg, state)
+    results_dir = Path(cfg.results_dir)
+    rows = append_results_row(results_dir / "results.csv", row)
+    plot = plot_pareto(rows, results_dir / "pareto.png")
+    wandb_dir = None
+    if cfg.logger.enabled:
+        wandb_dir = log_wandb(cfg.logger.project, row["name"], results["config"], row, rows, plot, mode=cfg.logger.mode, dir=run_dir)
+    return {"results_json": str(run_dir / "results.json"), "results_csv": str(results_dir / "results.csv"), "pareto_png": str(plot), "wandb": wandb_dir}
+
+
+def run_name(cfg: DictConfig) -> str:
+    p = OmegaConf.to_container(cfg.projector, resolve=True)
+    name = p["_target_"].rsplit(".", 1)[-1].replace("Projector", "").lower()
+    extras = [f"{k}{v}" for k, v in p.items() if k in ("stack",) and v != 1]
+    if p.get("downsample") == "queries":
+        extras.append(f"q{p['queries']}w{p['window']}")
+    return "-".join([name, *extras])
+
+
+def results_row(cfg: DictConfig, state: dict) -> dict:
+    r = state["stage_results"]
+    ev, be, ex, al = r.get("evaluate", {}), r.get("bench", {}), r.get("export", {}), r.get("align", {})
+    variant, ratio = be.get("variant", {}), be.get("ratio_vs_linear", {})
+    return {
+        "name": run_name(cfg),
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "wer": ev.get("wer"), "wer_ci_low": ev.get("wer_ci_low"), "wer_ci_high": ev.get("wer_ci_high"),
+        "cer": ev.get("cer"), "n_utts": ev.get("n_utts"), "n_failed": ev.get("n_failed"),
+        "request_throughput": variant.get("request_throughput"),
+        "output_token_throughput": variant.get("output_token_throughput"),
+        "rtfx": variant.get("rtfx"),
+        "latency_p50_s": variant.get("latency_p50_s"),
+        "audio_tokens_per_request": variant.get("avg_audio_tokens_per_request"),
+        "throughput_ratio_vs_linear": ratio.get("request_throughput"),
+        "latency_p50_ratio_vs_linear": ratio.get("latency_p50_s"),
+        "projector_params": ex.get("projector_params"),
+        "best_dev_loss": al.get("best_dev_loss"),
+        "align_seconds_per_step": al.get("seconds_per_step"),
+        "checkpoint": ex.get("checkpoint") or al.get("checkpoint"),
+        "git_sha": None,
+        "run_dir": str(Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)),
+    }
+
+
+STAGE_FUNCS = {"prepare": prepare, "align": align, "export": export, "evaluate": evaluate, "bench": bench, "report": report}
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the configured stages in order; returns the state with per-stage results. prepare
+    and align are also run when a later stage needs their outputs, but align then only
+    reads its cached result (it never trains unless asked)."""
+    unknown = set(cfg.stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; expected a subset of {list(STAGES)}")
+    needed = set(cfg.stages)
+    if needed & {"export", "evaluate", "bench"}:
+        needed |= {"prepare", "align"}  # resolved from their cached outputs when not asked for
+    elif "align" in needed:
+        needed.add("prepare")
+    state: dict = {"stage_results": {}, "timings": {}}
+    for stage in (s for s in STAGES if s in needed):
+        t0 = time.perf_counter()
+        print(f"[run] stage {stage}")
+        result = STAGE_FUNCS[stage](cfg, state)
+        state["timings"][stage] = round(time.perf_counter() - t0, 2)
+        state["stage_results"][stage] = result
+        if stage in ("prepare", "align"):
+            state.update({k: v for k, v in result.items() if k in ("manifests", "base_dir", "checkpoint")})
+    print_summary(state)
+    return state
+
+
+def print_summary(state: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    r = state["stage_results"]
+    table = Table(title="experiments.run")
+    table.add_column("metric")
+    table.add_column("value")
+    ev, be = r.get("evaluate", {}), r.get("bench", {})
+    if ev:
+        table.add_row("WER (95% CI)", f"{ev['wer']:.3f} [{ev['wer_ci_low']:.3f}, {ev['wer_ci_high']:.3f}]")
+        table.add_row("CER", f"{ev['cer']:.3f}")
+        table.add_row("utterances (failed)", f"{ev['n_utts']} ({ev['n_failed']})")
+    if be:
+        table.add_row("requests/s (variant)", f"{be['variant']['request_throughput']:.2f}")
+        table.add_row("requests/s (linear baseline)", f"{be['baseline']['request_throughput']:.2f}")
+        table.add_row("throughput ratio vs linear", f"{be['ratio_vs_linear'].get('request_throughput', float('nan')):.3f}")
+    for stage, seconds in state["timings"].items():
+        table.add_row(f"time {stage}", f"{seconds:.1f} s")
+    Console().print(table)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
