@@ -117,7 +117,8 @@ def load_or_build(model: Qwen2AudioSwap, processor, rows: list[dict], cache_dir:
     tensors: dict[str, torch.Tensor] = {}
     for shard in json.loads((cache_dir / "index.json").read_text())["shards"]:
         tensors.update(load_file(cache_dir / shard["file"]))
-    frames = [tensors[f"frames_{i}"] for i in range(len(rows))]
+    # clone: load_file maps the shard, and a later rebuild replaces that file
+    frames = [tensors[f"frames_{i}"].clone() for i in range(len(rows))]
     return frames, torch.tensor([f.shape[0] for f in frames])
 
 

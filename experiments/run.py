@@ -179,7 +179,7 @@ def report(cfg: DictConfig, state: dict) -> dict:
         write_json_atomic,
     )
 
-    run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    run_dir = Path(cfg.run_dir)
     results = {
         "name": run_name(cfg),
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -188,7 +188,7 @@ def report(cfg: DictConfig, state: dict) -> dict:
         "timings_s": state["timings"],
     }
     write_json_atomic(run_dir / "results.json", results)
-    row = results_row(cfg, state)
+    row = results_row(cfg, state) | {"git_sha": results["metadata"].get("git_sha")}
     results_dir = Path(cfg.results_dir)
     rows = append_results_row(results_dir / "results.csv", row)
     plot = plot_pareto(rows, results_dir / "pareto.png")
@@ -228,8 +228,7 @@ def results_row(cfg: DictConfig, state: dict) -> dict:
         "best_dev_loss": al.get("best_dev_loss"),
         "align_seconds_per_step": al.get("seconds_per_step"),
         "checkpoint": ex.get("checkpoint") or al.get("checkpoint"),
-        "git_sha": None,
-        "run_dir": str(Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)),
+        "run_dir": str(cfg.run_dir),
     }
 
 

@@ -1,0 +1,80 @@
+"""The real Hydra config, composed as the entry point composes it, and the pipeline end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import projectors
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+PROJECTORS = sorted(p.stem for p in (CONF / "projector").glob("*.yaml"))
+
+
+def composed(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = composed([f"experiment={experiment}", "run_dir=/tmp/x"])
+    OmegaConf.resolve(cfg)
+    assert set(cfg.stages) <= {"prepare", "align", "export", "evaluate", "bench", "report"}
+    assert cfg.train.steps > 0 and cfg.bench.requests > 0
+
+
+@pytest.mark.parametrize("name", PROJECTORS)
+@pytest.mark.parametrize("stack", [1, 4])
+def test_every_projector_config_builds(name, stack):
+    cfg = composed([f"projector={name}", f"projector.stack={stack}"])
+    node = OmegaConf.to_container(cfg.projector, resolve=True)
+    p = projectors.from_hydra(node, in_dim=128, out_dim=128)
+    assert p.stack == stack
+    block = projectors.projector_block(p)
+    assert projectors.build_projector(block, 128, 128).hparams == p.hparams
+
+
+def test_unknown_stage_rejected(tmp_path):
+    from experiments.run import run
+
+    cfg = composed(["stages=[evaluate,oops]", f"run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="unknown stages"):
+        run(cfg)
+
+
+@pytest.mark.engine
+def test_pipeline_end_to_end(tmp_path):
+    """prepare -> align -> export -> evaluate -> bench -> report on the smoke experiment,
+    then a rerun reuses every stage output."""
+    from experiments.run import run
+
+    overrides = [
+        "experiment=smoke", "projector=attention", "projector.width=64", "projector.heads=1",
+        f"artifacts_dir={tmp_path}/artifacts", f"results_dir={tmp_path}/results", f"run_dir={tmp_path}/run",
+    ]
+    state = run(composed(overrides))
+    r = state["stage_results"]
+    assert list(r) == ["prepare", "align", "export", "evaluate", "bench", "report"]
+    ev, be = r["evaluate"], r["bench"]
+    assert ev["n_utts"] == 16 and ev["n_failed"] == 0 and 0 <= ev["wer_ci_low"] <= ev["wer"] <= ev["wer_ci_high"]
+    assert be["variant"]["successful_requests"] == be["baseline"]["successful_requests"] == 8
+    assert be["ratio_vs_linear"]["request_throughput"] == pytest.approx(
+        be["variant"]["request_throughput"] / be["baseline"]["request_throughput"]
+    )
+    utts = [json.loads(line) for line in Path(ev["utterances"]).read_text().splitlines()]
+    assert len(utts) == 16 and all("ref_norm" in u and u["error"] is None for u in utts)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["config"]["projector"]["_target_"] == "projectors.AttentionProjector"
+    assert results["metadata"]["packages"]["torch"]
+    assert (tmp_path / "results" / "results.csv").read_text().count("\n") == 2  # header + 1 row
+    assert (tmp_path / "results" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert r["report"]["wandb"] and Path(r["report"]["wandb"]).exists()
+
+    again = run(composed(overrides + ["stages=[align,evaluate,bench]"]))
+    assert all(again["stage_results"][s].get("reused") for s in ("align", "evaluate", "bench"))

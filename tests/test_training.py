@@ -1,0 +1,81 @@
+"""Encoder-output cache and projector alignment on the tiny model (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from experiments.cache import load_or_build
+from experiments.data import SyntheticSpec, build_synthetic, read_manifest
+from experiments.train import TrainSettings, align
+from qwen2_audio_vllm.checkpoint import load_model, load_processor
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    m = build_synthetic(tmp_path_factory.mktemp("syn") / "d", SyntheticSpec(seed=5, train=32, dev=8, test=2), workers=2)
+    return read_manifest(m["train"]), read_manifest(m["dev"])
+
+
+def test_cache_round_trip_matches_full_window_encoder(tiny_base, rows, tmp_path):
+    model, processor = load_model(tiny_base), load_processor(tiny_base)
+    train = rows[0][:6]
+    frames, lengths = load_or_build(model, processor, train, tmp_path / "cache")
+    from experiments.audio import load_audio
+
+    fe = processor.feature_extractor
+    audios = [load_audio(r["audio_filepath"]) for r in train]
+    full = fe(audios, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")
+    with torch.no_grad():  # the 30 s window, as vLLM runs it
+        ref, ref_len = model.encode_audio(full["input_features"], full["attention_mask"], trim=False)
+    assert lengths.tolist() == ref_len.tolist()
+    for f, r, n in zip(frames, ref, ref_len.tolist(), strict=True):
+        torch.testing.assert_close(f, r[:n], atol=1e-4, rtol=1e-4)
+
+
+def test_cache_reused_and_corruption_rebuilt(tiny_base, rows, tmp_path, capsys):
+    model, processor = load_model(tiny_base), load_processor(tiny_base)
+    train = rows[0][:4]
+    d = tmp_path / "cache"
+    first, _ = load_or_build(model, processor, train, d)
+    stamp = (d / "index.json").stat().st_mtime_ns
+    load_or_build(model, processor, train, d)
+    assert (d / "index.json").stat().st_mtime_ns == stamp  # reused
+    shard = d / json.loads((d / "index.json").read_text())["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-8:] = b"\xff" * 8
+    shard.write_bytes(bytes(data))
+    again, _ = load_or_build(model, processor, train, d)
+    assert "stale or corrupt; rebuilding" in capsys.readouterr().out
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    # another model (different tower weights) never reads this cache
+    with torch.no_grad():
+        model.audio_tower.layer_norm.bias.add_(1.0)
+    changed, _ = load_or_build(model, processor, train, d)
+    assert "stale or corrupt" in capsys.readouterr().out
+    assert not torch.equal(changed[0], first[0])
+
+
+def test_align_trains_only_the_projector(tiny_base, rows, tmp_path):
+    model, processor = load_model(tiny_base), load_processor(tiny_base)
+    train, dev = rows
+    tf, _ = load_or_build(model, processor, train, tmp_path / "c_train")
+    df, _ = load_or_build(model, processor, dev, tmp_path / "c_dev")
+    block = {"name": "mlp", "stack": 2, "hidden_dim": 128}
+    s = TrainSettings(steps=24, batch_size=8, lr=3e-3, warmup=4, eval_every=8)
+    out = tmp_path / "aligned"
+    result = align(tiny_base, block, (tf, [r["text"] for r in train]), (df, [r["text"] for r in dev]), out, s)
+    dev_losses = [h["dev_loss"] for h in result["history"]]
+    assert len(dev_losses) == 3 and min(dev_losses[1:]) < dev_losses[0]
+    assert result["trainable_params"] == sum(p.numel() for p in load_model(out).multi_modal_projector.parameters())
+
+    base = load_file(tiny_base / "model.safetensors")
+    aligned = load_file(out / "model.safetensors")
+    frozen = [k for k in base if not k.startswith("multi_modal_projector.")]
+    assert frozen and all(torch.equal(base[k], aligned[k]) for k in frozen)  # bit-identical
+    assert json.loads((out / "config.json").read_text())["projector"]["name"] == "mlp"
+    assert any(k.startswith("multi_modal_projector.layers.") for k in aligned)
