@@ -33,7 +33,7 @@ COLOURS = "red green blue yellow black white orange purple brown pink grey".spli
 OBJECTS = "ball door light window box car book cup chair table phone key bag hat".split()
 VERBS = "open close turn stop start move take find show bring".split()
 NAMES = "anna peter maria john lucy david sarah tom".split()
-PLACES = "home school the park the office the station the shop".split()
+PLACES = ["home", "school", "the park", "the office", "the station", "the shop"]
 ADVERBS = "now today later again please".split()
 
 TRAIN_VOICES = ("en+m1", "en+m2", "en+m3", "en+f1", "en+f2", "en-us+m1", "en-us+f1", "en+m4")
@@ -75,6 +75,7 @@ def tokenizer_corpus() -> list[str]:
 
 @dataclass(frozen=True)
 class SyntheticSpec:
+    version: int = 2  # bump when the grammar or rendering changes: new cache key
     seed: int = 0
     train: int = 4000
     dev: int = 200
