@@ -7,7 +7,8 @@
 Stages, each a plain function of the composed config and the outputs of earlier stages:
 prepare (data + base checkpoint) -> align (train the projector, encoder and LLM frozen) ->
 export (validate the vLLM checkpoint) -> evaluate (WER/CER through vLLM) -> bench (offline
-throughput, variant vs linear baseline) -> report (results.json, results table, Pareto
+throughput, variant vs linear baseline) -> [serve_bench: `vllm serve` + async load
+simulation, optional] -> report (results.json, results table, Pareto
 plot, W&B). Stage outputs live under `artifacts_dir`, keyed by a hash of the config they
 depend on, so an existing one is reused unless `force` names it.
 """
@@ -23,7 +24,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-STAGES = ("prepare", "align", "export", "evaluate", "bench", "report")
+STAGES = ("prepare", "align", "export", "evaluate", "bench", "serve_bench", "report")
 
 
 def key_of(*parts: Any) -> str:
@@ -170,6 +171,20 @@ def bench(cfg: DictConfig, state: dict) -> dict:
     return result
 
 
+def serve_bench(cfg: DictConfig, state: dict) -> dict:
+    """Optional (stages=[...,serve_bench,...]): `vllm serve` the checkpoint with the `serve`
+    config and run the async load simulation over test clips."""
+    from experiments.data import read_manifest
+    from experiments.serve_bench import run_config
+
+    s = OmegaConf.to_container(cfg.serve, resolve=True)
+    b = cfg.bench
+    sources = [r["audio_filepath"] for r in read_manifest(state["manifests"]["test"])[:64]]
+    engine = _engine_overrides(cfg) | {k: v for k, v in s.items() if k not in ("name", "startup_timeout_s")}
+    summary = run_config(Path(state["checkpoint"]), engine, sources, b.online_requests, b.online_concurrency, None, b.max_tokens)
+    return {s["name"]: summary}
+
+
 def report(cfg: DictConfig, state: dict) -> dict:
     from experiments.report import (
         append_results_row,
@@ -232,7 +247,10 @@ def results_row(cfg: DictConfig, state: dict) -> dict:
     }
 
 
-STAGE_FUNCS = {"prepare": prepare, "align": align, "export": export, "evaluate": evaluate, "bench": bench, "report": report}
+STAGE_FUNCS = {
+    "prepare": prepare, "align": align, "export": export, "evaluate": evaluate,
+    "bench": bench, "serve_bench": serve_bench, "report": report,
+}
 
 
 def run(cfg: DictConfig) -> dict:
@@ -243,7 +261,7 @@ def run(cfg: DictConfig) -> dict:
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; expected a subset of {list(STAGES)}")
     needed = set(cfg.stages)
-    if needed & {"export", "evaluate", "bench"}:
+    if needed & {"export", "evaluate", "bench", "serve_bench"}:
         needed |= {"prepare", "align"}  # resolved from their cached outputs when not asked for
     elif "align" in needed:
         needed.add("prepare")

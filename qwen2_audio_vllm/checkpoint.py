@@ -37,12 +37,17 @@ from qwen2_audio_vllm.plugin import ARCHITECTURE  # noqa: E402  (one name, one p
 UPSTREAM_ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
 WEIGHTS = "model.safetensors"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
-# Qwen2-Audio-Instruct's chat layout without the default system turn. Message content is a
-# string: vLLM puts "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>" into it for audio parts.
+# Qwen2-Audio-Instruct's chat layout without the default system turn. Content is a string
+# (vLLM's offline prompts put "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>" in it) or a
+# list of OpenAI parts, where each audio part renders as that same placeholder line.
 CHAT_TEMPLATE = (
+    "{% set audio = namespace(n=0) %}"
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] in ['audio', 'audio_url', 'input_audio'] %}{% set audio.n = audio.n + 1 %}"
+    "Audio {{ audio.n }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
     "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -58,6 +63,7 @@ class TinySpec:
     """Sizes of the tiny default model. vLLM CPU attention needs LLM head_dim >= 64;
     chunk_length=30 / 1500 positions keeps it loadable by upstream vLLM's own class."""
 
+    version: int = 2  # bump when the tokenizer, template or layout changes: new cache key
     seed: int = 0
     n_mels: int = 80
     chunk_length: int = 30

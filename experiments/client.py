@@ -1,0 +1,194 @@
+"""Async OpenAI-compatible load client for `vllm serve` (seed 000's client, for any variant).
+
+    python -m experiments.client single --base-url http://127.0.0.1:8000/v1 --audio asset:open_the_red_door
+    python -m experiments.client single --audio path/to/clip.wav --prompt "Transcribe the audio."
+    python -m experiments.client simulation --manifest test.jsonl -n 200 -c 8 [--rate 4]
+
+Audio sources: a local file (sent as a base64 data URL), an http(s) URL (passed through),
+or `asset:<name>` for the clips bundled in experiments/assets/. Responses are streamed so
+each request's time to first token (TTFT) is measured. Each request has a timeout and is
+retried with exponential backoff on connection errors and 5xx/429; 4xx is final. A failed
+request is recorded and never stops the simulation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import random
+import time
+from pathlib import Path
+
+from experiments.engine import TRANSCRIBE_PROMPT
+from experiments.metrics import RequestRecord, format_table, summarize
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def asset_names() -> list[str]:
+    return sorted(p.stem for p in ASSETS.glob("*.wav"))
+
+
+def audio_url(source: str) -> str:
+    """A local path, an http(s) URL or asset:<name> -> the URL sent in the request."""
+    if source.startswith(("http://", "https://", "data:")):
+        return source
+    if source.startswith("asset:"):
+        path = ASSETS / f"{source[6:]}.wav"
+        if not path.exists():
+            raise ValueError(f"unknown asset {source[6:]!r}; bundled assets: {asset_names()}")
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"audio file {path} not found")
+    mime = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg", ".ogg": "audio/ogg"}.get(path.suffix.lower(), "audio/wav")
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def audio_seconds(source: str) -> float:
+    """Duration of a local file or asset; 0 for URLs (not fetched by the client) and for
+    files soundfile cannot read (the server decides whether they are audio)."""
+    import soundfile as sf
+
+    if source.startswith(("http://", "https://", "data:")):
+        return 0.0
+    path = ASSETS / f"{source[6:]}.wav" if source.startswith("asset:") else Path(source)
+    try:
+        return sf.info(str(path)).duration
+    except Exception:  # unreadable or missing: reported by audio_url / the server
+        return 0.0
+
+
+def messages(url: str, prompt: str) -> list[dict]:
+    return [{"role": "user", "content": [
+        {"type": "audio_url", "audio_url": {"url": url}},
+        {"type": "text", "text": prompt},
+    ]}]
+
+
+def retryable(err: Exception) -> bool:
+    import openai
+
+    if isinstance(err, (openai.APIConnectionError, openai.APITimeoutError)):
+        return True
+    return isinstance(err, openai.APIStatusError) and (err.status_code >= 500 or err.status_code == 429)
+
+
+async def request(client, model: str, source: str, prompt: str = TRANSCRIBE_PROMPT, max_tokens: int = 32,
+                  retries: int = 2, backoff_s: float = 0.5) -> tuple[RequestRecord, str]:
+    """One streamed chat completion; returns its record and the generated text."""
+    seconds = audio_seconds(source)
+    t0 = time.perf_counter()
+    try:
+        url = audio_url(source)
+    except (OSError, ValueError) as err:
+        return RequestRecord(False, time.perf_counter() - t0, 0, 0, seconds, 0, None, str(err)), ""
+    for attempt in range(retries + 1):
+        t0, ttft, text, usage = time.perf_counter(), None, [], None
+        try:
+            stream = await client.chat.completions.create(
+                model=model, messages=messages(url, prompt), max_tokens=max_tokens, temperature=0,
+                stream=True, stream_options={"include_usage": True},
+            )
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if chunk.choices and chunk.choices[0].delta.content:
+                    ttft = ttft if ttft is not None else time.perf_counter() - t0
+                    text.append(chunk.choices[0].delta.content)
+            latency = time.perf_counter() - t0
+            out_tokens = usage.completion_tokens if usage else len(text)
+            prompt_tokens = usage.prompt_tokens if usage else 0
+            return RequestRecord(True, latency, out_tokens, prompt_tokens, seconds, 0, ttft, None), "".join(text)
+        except Exception as err:  # recorded per request; the simulation goes on
+            if attempt < retries and retryable(err):
+                await asyncio.sleep(backoff_s * 2**attempt)
+                continue
+            status = getattr(err, "status_code", None)
+            msg = f"{type(err).__name__}{f' {status}' if status else ''}: {getattr(err, 'message', err)}"
+            return RequestRecord(False, time.perf_counter() - t0, 0, 0, seconds, 0, None, msg), ""
+    raise AssertionError("unreachable")
+
+
+async def simulate(base_url: str, model: str, sources: list[str], n: int, concurrency: int,
+                   rate: float | None = None, max_tokens: int = 32, timeout_s: float = 120,
+                   seed: int = 0) -> tuple[list[RequestRecord], float]:
+    """n requests (sources cycled) with at most `concurrency` in flight; with `rate`,
+    arrivals are a Poisson process of `rate` requests/s. Returns records and wall time."""
+    from openai import AsyncOpenAI
+
+    rng = random.Random(seed)
+    sem = asyncio.Semaphore(concurrency)
+    async with AsyncOpenAI(base_url=base_url, api_key="EMPTY", timeout=timeout_s, max_retries=0) as client:
+        async def one(i: int, delay: float) -> RequestRecord:
+            await asyncio.sleep(delay)
+            async with sem:
+                record, _ = await request(client, model, sources[i % len(sources)], max_tokens=max_tokens)
+                return record
+
+        delays, t = [], 0.0
+        for _ in range(n):
+            delays.append(t)
+            if rate:
+                t += rng.expovariate(rate)
+        t0 = time.perf_counter()
+        records = await asyncio.gather(*(one(i, d) for i, d in enumerate(delays)))
+        return list(records), time.perf_counter() - t0
+
+
+def online_summary(records: list[RequestRecord], duration_s: float, concurrency: int) -> dict:
+    """The seed-000 metrics table; audio tokens are not visible to a client, so that key is
+    dropped rather than reported as zero."""
+    summary = summarize(records, duration_s, max_concurrency=concurrency)
+    summary.pop("avg_audio_tokens_per_request", None)
+    summary["errors"] = sorted({r.error for r in records if r.error})[:10]
+    return summary
+
+
+async def served_model(base_url: str) -> str:
+    from openai import AsyncOpenAI
+
+    async with AsyncOpenAI(base_url=base_url, api_key="EMPTY") as client:
+        return (await client.models.list()).data[0].id
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["single", "simulation"])
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--audio", default="asset:open_the_red_door", help="file, http(s) URL or asset:<name>")
+    parser.add_argument("--prompt", default=TRANSCRIBE_PROMPT)
+    parser.add_argument("--manifest", help="simulation: JSONL manifest whose clips are cycled")
+    parser.add_argument("-n", "--requests", type=int, default=200)
+    parser.add_argument("-c", "--concurrency", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--json", help="write the metrics to this JSON file")
+    args = parser.parse_args()
+
+    async def go() -> None:
+        model = await served_model(args.base_url)
+        if args.mode == "single":
+            from openai import AsyncOpenAI
+
+            async with AsyncOpenAI(base_url=args.base_url, api_key="EMPTY") as client:
+                record, text = await request(client, model, args.audio, args.prompt, args.max_tokens)
+            print(text if record.ok else f"request failed: {record.error}")
+            return
+        if args.manifest:
+            sources = [json.loads(line)["audio_filepath"] for line in open(args.manifest) if line.strip()]
+        else:
+            sources = [f"asset:{a}" for a in asset_names()]
+        records, duration = await simulate(args.base_url, model, sources, args.requests, args.concurrency, args.rate, args.max_tokens)
+        summary = online_summary(records, duration, args.concurrency)
+        print(format_table({"run": summary}))
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=1))
+
+    asyncio.run(go())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Start `vllm serve <checkpoint>` (the plugin serves any projector; no extra server code),
+wait until it answers, stop it cleanly.
+
+    with Server(ckpt, engine={"max_num_seqs": 32}) as server:
+        print(server.base_url)        # http://127.0.0.1:<port>/v1
+
+The server binds to 127.0.0.1 only. Its output goes to `<log_dir>/vllm-serve-<port>.log`;
+if it exits or is not healthy in time, the error quotes the end of that log.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from experiments.engine import cpu_binding, has_cuda
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_args(model_dir: Path, port: int, engine: dict[str, Any]) -> list[str]:
+    """The `vllm serve` command line for a checkpoint and the `serve` config knobs."""
+    vllm = shutil.which("vllm", path=str(Path(sys.executable).parent)) or "vllm"
+    args = [vllm, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+            "--max-model-len", str(engine.get("max_model_len", 2048)),
+            "--limit-mm-per-prompt", '{"audio": 1}', "--seed", "0"]
+    if has_cuda():
+        args += ["--dtype", "bfloat16"]
+    else:
+        args += ["--dtype", "float32", "--enforce-eager"]
+    flags = {
+        "max_num_seqs": "--max-num-seqs",
+        "max_num_batched_tokens": "--max-num-batched-tokens",
+        "kv_cache_dtype": "--kv-cache-dtype",
+        "gpu_memory_utilization": "--gpu-memory-utilization",
+    }
+    util = engine.get("gpu_memory_utilization") or (0.85 if has_cuda() else 0.3)
+    for key, flag in flags.items():
+        value = util if key == "gpu_memory_utilization" else engine.get(key)
+        if value is not None:
+            args += [flag, str(value)]
+    if engine.get("enable_chunked_prefill") is not None:
+        args.append("--enable-chunked-prefill" if engine["enable_chunked_prefill"] else "--no-enable-chunked-prefill")
+    return args
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class Server:
+    def __init__(self, model_dir: str | Path, engine: dict[str, Any] | None = None,
+                 log_dir: str | Path = "outputs/serve", startup_timeout_s: float = 300) -> None:
+        self.model_dir = Path(model_dir)
+        self.engine = dict(engine or {})
+        self.port = self.engine.get("port") or free_port()
+        self.log_path = Path(log_dir) / f"vllm-serve-{self.port}.log"
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def start(self) -> Server:
+        from qwen2_audio_vllm.checkpoint import validate_checkpoint
+
+        validate_checkpoint(self.model_dir)  # clear errors before a process starts
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = os.environ.copy()
+        if not has_cuda():
+            env.update(cpu_binding())
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(serve_args(self.model_dir, self.port, self.engine), stdout=log,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"vllm serve exited with code {self.proc.returncode}; log {self.log_path}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise ServerError(f"vllm serve not healthy after {self.startup_timeout_s} s; log {self.log_path}:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group, SIGKILL after 30 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,73 @@
+"""Online serving benchmark: `vllm serve` a checkpoint, run the load simulation, and
+compare engine settings side by side (seed 000's baseline vs FP8 KV cache table).
+
+    python -m experiments.serve_bench <checkpoint dir> -n 200 -c 8 --compare fp8_kv
+
+Each configuration gets its own server (started, measured, stopped) in this one run. A
+configuration the backend rejects (e.g. a KV-cache dtype the CPU backend lacks) is
+reported as unavailable with vLLM's reason, and the other columns stand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+
+from experiments.client import online_summary, served_model, simulate
+from experiments.metrics import format_table
+from experiments.serve import Server, ServerError
+
+CONFIGS = {
+    "baseline": {"kv_cache_dtype": "auto"},
+    "fp8_kv": {"kv_cache_dtype": "fp8"},
+}
+
+
+def run_config(model_dir: Path, engine: dict, sources: list[str], n: int, concurrency: int,
+               rate: float | None, max_tokens: int) -> dict:
+    try:
+        with Server(model_dir, engine) as server:
+            async def go():
+                model = await served_model(server.base_url)
+                return await simulate(server.base_url, model, sources, n, concurrency, rate, max_tokens)
+
+            records, duration = asyncio.run(go())
+    except ServerError as err:
+        reason = next((line for line in str(err).splitlines()[::-1] if "Error" in line), str(err).splitlines()[0])
+        return {"unavailable": reason.strip()}
+    return online_summary(records, duration, concurrency)
+
+
+def compare(model_dir: Path, names: list[str], sources: list[str], n: int, concurrency: int,
+            rate: float | None = None, max_tokens: int = 32, engine: dict | None = None) -> dict[str, dict]:
+    return {name: run_config(model_dir, (engine or {}) | CONFIGS[name], sources, n, concurrency, rate, max_tokens) for name in names}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--manifest", help="clips to cycle (default: the bundled assets)")
+    parser.add_argument("-n", "--requests", type=int, default=200)
+    parser.add_argument("-c", "--concurrency", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=None)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--compare", nargs="*", default=["fp8_kv"], choices=list(CONFIGS))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from experiments.client import asset_names
+
+    sources = ([json.loads(line)["audio_filepath"] for line in open(args.manifest) if line.strip()]
+               if args.manifest else [f"asset:{a}" for a in asset_names()])
+    results = compare(args.checkpoint, ["baseline", *args.compare], sources, args.requests, args.concurrency, args.rate, args.max_tokens)
+    print(format_table(results))
+    for name, r in results.items():
+        if "unavailable" in r:
+            print(f"{name}: unavailable on this backend: {r['unavailable']}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

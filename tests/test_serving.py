@@ -1,0 +1,68 @@
+"""A real `vllm serve` (loopback) on the tiny checkpoint, driven by the async client."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from experiments.client import asset_names, online_summary, request, served_model, simulate
+from experiments.serve import Server
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base, tmp_path_factory):
+    with Server(tiny_base, {"max_num_seqs": 16}, log_dir=tmp_path_factory.mktemp("serve")) as s:
+        yield s
+
+
+def single(server, source: str):
+    from openai import AsyncOpenAI
+
+    async def go():
+        model = await served_model(server.base_url)
+        async with AsyncOpenAI(base_url=server.base_url, api_key="EMPTY") as client:
+            return await request(client, model, source, max_tokens=8)
+
+    return asyncio.run(go())
+
+
+def test_single_with_local_file_and_asset(server, speech_clips):
+    for source in (str(speech_clips[0][0]), f"asset:{asset_names()[0]}"):
+        record, text = single(server, source)
+        assert record.ok, record.error
+        assert text and record.output_tokens == 8 and record.prompt_tokens > 20
+        assert record.ttft_s is not None and 0 < record.ttft_s <= record.latency_s
+        assert record.audio_seconds > 0.5
+
+
+def test_bad_sources_fail_alone(server, tmp_path):
+    bad = tmp_path / "not_audio.wav"
+    bad.write_bytes(b"this is not a wav file at all" * 10)
+    record, _ = single(server, str(bad))
+    assert not record.ok and "Error" in record.error
+    record, _ = single(server, "asset:nope")
+    assert not record.ok and "unknown asset" in record.error
+    record, _ = single(server, f"asset:{asset_names()[0]}")
+    assert record.ok, "the server must keep serving after bad requests"
+
+
+def test_simulation_50_requests_concurrency_8(server, speech_clips):
+    sources = [str(p) for p, _, _ in speech_clips] + [f"asset:{a}" for a in asset_names()]
+
+    async def go():
+        model = await served_model(server.base_url)
+        return await simulate(server.base_url, model, sources, n=50, concurrency=8, max_tokens=16)
+
+    records, duration = asyncio.run(go())
+    s = online_summary(records, duration, 8)
+    assert s["total_requests"] == 50 and s["failed_requests"] == 0, s["errors"]
+    assert s["successful_requests"] + s["failed_requests"] == s["total_requests"]
+    assert s["request_throughput"] == pytest.approx(s["successful_requests"] / s["duration_s"])
+    assert s["latency_p50_s"] <= s["latency_p90_s"] <= s["latency_p99_s"]
+    assert s["tokens_per_s_per_request_min"] <= s["tokens_per_s_per_request_p50"] <= s["tokens_per_s_per_request_max"]
+    assert s["ttft_p50_s"] <= s["ttft_p99_s"] and s["ttft_mean_s"] > 0
+    assert s["avg_output_tokens_per_request"] == 16
+    assert s["rtfx"] > 0
