@@ -132,7 +132,7 @@ def test_interrupted_run_leaves_no_half_results_and_resumes(tmp_path):
             f"artifacts_dir={tmp_path}/a", f"results_dir={tmp_path}/r", f"hydra.run.dir={tmp_path}/run1"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for line in proc.stdout:
-        if "[align mlp] step 50" in line:  # training is under way and a checkpoint was written
+        if "[align mlp] step 100" in line:  # under way; the step-50 best checkpoint is written
             break
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
