@@ -98,9 +98,12 @@ class EmbedAudio:
         import torch
 
         device = next(model.parameters()).device
+        n = self.input_features.shape[0]  # one window per clip
         with torch.no_grad():
             emb = model.embed_multimodal(
                 input_features=self.input_features.to(device),
                 feature_attention_mask=self.feature_attention_mask.to(device),
+                audio_num_windows=torch.ones(n, dtype=torch.long),
+                audio_window_start=torch.zeros(n, dtype=torch.long),
             )
         return [e.float().cpu() for e in emb]

@@ -207,6 +207,9 @@ def report(cfg: DictConfig, state: dict) -> dict:
     results_dir = Path(cfg.results_dir)
     rows = append_results_row(results_dir / "results.csv", row)
     plot = plot_pareto(rows, results_dir / "pareto.png")
+    # per sweep: the runs whose directories share this run's parent (a multirun's sweep dir)
+    group = Path(cfg.run_dir).resolve().parent
+    plot_pareto([r for r in rows if Path(r.get("run_dir", "")).resolve().parent == group], group / "pareto.png")
     wandb_dir = None
     if cfg.logger.enabled:
         wandb_dir = log_wandb(cfg.logger.project, row["name"], results["config"], row, rows, plot,
@@ -244,7 +247,7 @@ def results_row(cfg: DictConfig, state: dict) -> dict:
         "best_dev_loss": al.get("best_dev_loss"),
         "align_seconds_per_step": al.get("seconds_per_step"),
         "checkpoint": ex.get("checkpoint") or al.get("checkpoint"),
-        "run_dir": str(cfg.run_dir),
+        "run_dir": str(Path(cfg.run_dir).resolve()),
     }
 
 
