@@ -16,6 +16,7 @@ from transformers import Qwen2AudioConfig, Qwen2ForCausalLM
 from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 
 from projectors import Projector, build_projector
+from qwen2_audio_vllm import windows
 
 
 def expand_audio_placeholders(
@@ -141,16 +142,34 @@ class Qwen2AudioSwap(nn.Module):
         )
 
 
+def clip_embeddings(model: Qwen2AudioSwap, processor, audios: list) -> list[torch.Tensor]:
+    """One (n_i, d_text) tensor per clip (16 kHz float arrays). A clip longer than the
+    encoder window is split into windows (config.json "long_audio", see windows.py), each
+    encoded and projected, and the windows' tokens concatenated: what the vLLM fork does."""
+    w = windows.windowing(model.config, processor.feature_extractor)
+    split = [windows.split(a, w) for a in audios]
+    flat = [x for clip in split for x in clip]
+    fe = processor.feature_extractor
+    feats = fe(flat, sampling_rate=fe.sampling_rate, return_attention_mask=True,
+               padding="max_length", return_tensors="pt")
+    frames, pooled = model.encode_audio(feats["input_features"], feats["attention_mask"])
+    start = torch.tensor([0 if j == 0 else w.drop for clip in split for j in range(len(clip))])
+    frames = torch.stack([torch.roll(f, -int(s), 0) for f, s in zip(frames, start, strict=True)])
+    per_window = model.project(frames, (pooled - start).clamp(min=0))
+    out, i = [], 0
+    for clip in split:
+        out.append(torch.cat(per_window[i : i + len(clip)]))
+        i += len(clip)
+    return out
+
+
 @torch.no_grad()
 def greedy_transcribe(
     model: Qwen2AudioSwap, processor, audios: list, prompt: str, max_new_tokens: int = 32
 ) -> tuple[list[list[int]], list[int]]:
     """HF reference decoding of one prompt per clip (16 kHz float arrays).
     Returns (new token ids per clip, audio placeholder count per clip)."""
-    fe = processor.feature_extractor
-    feats = fe(audios, sampling_rate=fe.sampling_rate, return_attention_mask=True,
-               padding="max_length", return_tensors="pt")
-    audio = model.audio_embeddings(feats["input_features"], feats["attention_mask"])
+    audio = clip_embeddings(model, processor, audios)
     counts = [a.shape[0] for a in audio]
     ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     rows = [expand_audio_placeholders(ids, [n], model.audio_token_id) for n in counts]

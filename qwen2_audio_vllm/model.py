@@ -85,6 +85,7 @@ from vllm.model_executor.models.utils import (
     maybe_prefix,
 )
 from projectors import Projector, build_projector
+from qwen2_audio_vllm import windows
 from qwen2_audio_vllm.checkpoint import check_projector_weights
 
 
@@ -92,6 +93,7 @@ from qwen2_audio_vllm.checkpoint import check_projector_weights
 class Qwen2AudioFeatureInputs(TensorSchema):
     """Dimensions:
     - na: Number of audios
+    - nw: Number of windows over all audios (fork: long audio, see windows.py)
     - nmb: Number of mel bins
     - nmf: Number of mel frames (fork: the checkpoint's window, not a fixed 3000)
     """
@@ -99,13 +101,17 @@ class Qwen2AudioFeatureInputs(TensorSchema):
     type: Literal["audio_features"]
     input_features: Annotated[
         torch.Tensor | list[torch.Tensor],
-        TensorShape("na", "nmb", "nmf"),  # fork: was 3000
+        TensorShape("nw", "nmb", "nmf"),  # fork: was ("na", "nmb", 3000)
     ]
 
     feature_attention_mask: Annotated[
         torch.Tensor,
-        TensorShape("na", "nmf"),  # fork: was 3000
+        TensorShape("nw", "nmf"),  # fork: was ("na", 3000)
     ]
+
+    # fork: windows per audio, and each window's first pooled frame kept (overlap)
+    audio_num_windows: Annotated[torch.Tensor, TensorShape("na")]
+    audio_window_start: Annotated[torch.Tensor, TensorShape("nw")]
 
 
 class Qwen2AudioEmbeddingInputs(TensorSchema):
@@ -162,12 +168,29 @@ def _get_feat_extract_output_lengths(input_lengths: torch.Tensor):
 
 
 def _qwen2audio_field_config(hf_inputs: Mapping[str, torch.Tensor]):
+    # fork: an audio item spans audio_num_windows rows of the feature tensors
+    num_windows = hf_inputs.get("audio_num_windows", torch.zeros(0, dtype=torch.long))
     return dict(
         audio_embeds=MultiModalFieldConfig.batched("audio"),
         audio_num_tokens=MultiModalFieldConfig.batched("audio", keep_on_cpu=True),
-        input_features=MultiModalFieldConfig.batched("audio"),
-        feature_attention_mask=MultiModalFieldConfig.batched("audio"),
+        input_features=MultiModalFieldConfig.flat_from_sizes("audio", num_windows),
+        feature_attention_mask=MultiModalFieldConfig.flat_from_sizes("audio", num_windows),
+        audio_num_windows=MultiModalFieldConfig.batched("audio", keep_on_cpu=True),
+        audio_window_start=MultiModalFieldConfig.flat_from_sizes("audio", num_windows),
     )
+
+
+# fork: audio tokens per clip = projector tokens of the frames each window keeps, summed
+def _audio_token_counts(
+    config: Qwen2AudioConfig,
+    feature_attention_mask: torch.Tensor,
+    window_start: torch.Tensor,
+    num_windows: torch.Tensor,
+) -> list[int]:
+    _, pooled = _get_feat_extract_output_lengths(feature_attention_mask.sum(-1))
+    kept = (pooled - window_start).clamp(min=0)
+    tokens = _projector_for(config).output_lengths(kept)
+    return [int(t.sum()) for t in torch.split(tokens, num_windows.tolist())]
 
 
 class Qwen2AudioMultiModalDataParser(MultiModalDataParser):
@@ -240,8 +263,10 @@ class Qwen2AudioProcessingInfo(BaseProcessingInfo):
 
         input_lengths = torch.tensor([max_mel_seq_len], dtype=torch.long)
         _, output_lengths = _get_feat_extract_output_lengths(input_lengths)
-        # fork: tokens per item come from the projector
+        # fork: tokens per item come from the projector, over up to max_windows windows
         output_lengths = _projector_for(self.get_hf_config()).output_lengths(output_lengths)
+        w = windows.windowing(self.get_hf_config(), feature_extractor)
+        output_lengths = output_lengths * w.max_windows
 
         return {"audio": int(output_lengths.item())}
 
@@ -281,20 +306,23 @@ class Qwen2AudioDummyInputsBuilder(BaseDummyInputsBuilder[Qwen2AudioProcessingIn
 # audio longer than the encoder window and lets NaN/inf samples through (the output then
 # collapses); a ValueError here becomes an HTTP 400 with this message.
 def _check_audio_items(
-    mm_items: MultiModalDataItems, feature_extractor: WhisperFeatureExtractor
+    mm_items: MultiModalDataItems,
+    feature_extractor: WhisperFeatureExtractor,
+    config: Qwen2AudioConfig,
 ) -> None:
     audios = mm_items.get("audio")
     if not isinstance(audios, AudioProcessorItems):
         return
-    window_s = feature_extractor.chunk_length
+    w = windows.windowing(config, feature_extractor)
+    max_s = w.max_samples / feature_extractor.sampling_rate
     for i in range(len(audios)):
         audio = audios.get(i)
         seconds = len(audio) / feature_extractor.sampling_rate
-        if seconds > window_s + 1e-3:
+        if len(audio) > w.max_samples:
             raise ValueError(
-                f"audio {i} is {seconds:.1f} s long; this model's encoder window is "
-                f"{window_s} s and longer audio would be cut off. Split the audio into "
-                f"clips of at most {window_s} s."
+                f"audio {i} is {seconds:.1f} s long; this model takes at most {max_s:.1f} s "
+                f"({w.max_windows} encoder window(s)) and longer audio would be cut off. "
+                "Split the audio, or raise long_audio.max_windows in config.json."
             )
         if not np.isfinite(audio).all():
             raise ValueError(
@@ -314,7 +342,7 @@ class Qwen2AudioMultiModalProcessor(BaseMultiModalProcessor[Qwen2AudioProcessing
         hf_inputs = super()._get_hf_mm_inputs(mm_items, hf_kwargs)
 
         feature_extractor = self.info.get_feature_extractor(**hf_kwargs)
-        _check_audio_items(mm_items, feature_extractor)  # fork
+        _check_audio_items(mm_items, feature_extractor, self.info.get_hf_config())  # fork
         return hf_inputs._replace(
             hf_kwargs=dict(
                 hf_inputs.hf_kwargs,
@@ -322,6 +350,28 @@ class Qwen2AudioMultiModalProcessor(BaseMultiModalProcessor[Qwen2AudioProcessing
                 truncation=True,
             )
         )
+
+    # fork: long audio is split into encoder windows; the HF processor sees one clip per
+    # window and the windows are regrouped per audio item (audio_num_windows)
+    def _call_hf_processor(
+        self,
+        hf_data: Mapping[str, object],
+        hf_kwargs: Mapping[str, object],
+    ) -> BatchFeature:
+        audios = hf_data.get("audio")
+        if not audios:
+            return super()._call_hf_processor(hf_data, hf_kwargs)
+        audios = list(audios) if isinstance(audios, (list, tuple)) else [audios]
+        w = windows.windowing(self.info.get_hf_config(), self.info.get_feature_extractor())
+        split = [windows.split(audio, w) for audio in audios]
+        flat = [window for clip in split for window in clip]
+        text = self.dummy_inputs.get_dummy_text({"audio": len(flat)})
+        out = super()._call_hf_processor(dict(hf_data, text=text, audio=flat), hf_kwargs)
+        out["audio_num_windows"] = torch.tensor([len(c) for c in split])
+        out["audio_window_start"] = torch.tensor(
+            [0 if j == 0 else w.drop for c in split for j in range(len(c))]
+        )
+        return out
 
     def _get_mm_fields_config(
         self,
@@ -345,14 +395,13 @@ class Qwen2AudioMultiModalProcessor(BaseMultiModalProcessor[Qwen2AudioProcessing
             audio_output_lengths = []
         else:
             assert isinstance(feature_attention_mask, torch.Tensor)
-            _, audio_output_lens = _get_feat_extract_output_lengths(
-                feature_attention_mask.sum(-1)
+            # fork: placeholder count from the projector, summed over the windows
+            audio_output_lengths = _audio_token_counts(
+                self.info.get_hf_config(),
+                feature_attention_mask,
+                out_mm_data["audio_window_start"],
+                out_mm_data["audio_num_windows"],
             )
-            # fork: placeholder count from the projector
-            projector = _projector_for(self.info.get_hf_config())
-            audio_output_lens = projector.output_lengths(audio_output_lens)
-
-            audio_output_lengths = audio_output_lens.tolist()
 
         def get_replacement_qwen2_audio(item_idx: int):
             if "audio_num_tokens" in out_mm_data:
@@ -433,6 +482,8 @@ class Qwen2AudioSwapForConditionalGeneration(  # fork: renamed
         input_features = kwargs.pop("input_features", None)
         audio_embeds = kwargs.pop("audio_embeds", None)
         feature_attention_mask = kwargs.pop("feature_attention_mask", None)
+        audio_num_windows = kwargs.pop("audio_num_windows", None)  # fork
+        audio_window_start = kwargs.pop("audio_window_start", None)  # fork
 
         if input_features is None and audio_embeds is None:
             return None
@@ -447,6 +498,8 @@ class Qwen2AudioSwapForConditionalGeneration(  # fork: renamed
                 type="audio_features",
                 input_features=input_features,
                 feature_attention_mask=feature_attention_mask,
+                audio_num_windows=audio_num_windows,  # fork
+                audio_window_start=audio_window_start,  # fork
             )
 
         raise AssertionError("This line should be unreachable.")
@@ -499,17 +552,22 @@ class Qwen2AudioSwapForConditionalGeneration(  # fork: renamed
             input_features, attention_mask=audio_attention_mask
         )
         selected_audio_feature = audio_outputs.last_hidden_state
-        # fork: the projector sees which pooled frames are real and sets the token count
+        # fork: each window keeps its pooled frames from audio_window_start on (overlap
+        # dropped); the projector sees which frames are real and sets the token count
+        window_start = audio_input["audio_window_start"].to(audio_output_lengths.device)
+        if bool((window_start > 0).any()):
+            selected_audio_feature = torch.stack(
+                [torch.roll(f, -int(s), 0) for f, s in zip(selected_audio_feature, window_start, strict=True)]
+            )
+        kept_lengths = (audio_output_lengths - window_start).clamp(min=0)
         frame_mask = (
             torch.arange(
                 selected_audio_feature.shape[1], device=audio_output_lengths.device
             )[None, :]
-            < audio_output_lengths[:, None]
+            < kept_lengths[:, None]
         )
         audio_features = self.multi_modal_projector(selected_audio_feature, frame_mask)
-        audio_output_lengths = self.multi_modal_projector.output_lengths(
-            audio_output_lengths
-        )
+        audio_output_lengths = self.multi_modal_projector.output_lengths(kept_lengths)
         num_audios, max_audio_tokens, embed_dim = audio_features.shape
         audio_output_lengths = audio_output_lengths.unsqueeze(1)
         audio_features_mask = (
@@ -524,9 +582,15 @@ class Qwen2AudioSwapForConditionalGeneration(  # fork: renamed
             )
 
             # Split to tuple of embeddings for individual audio input.
-            return torch.split(
-                masked_audio_features, audio_output_lengths.flatten().tolist()
-            )
+            # fork: an audio's windows are consecutive; its tokens are their concatenation
+            item_lengths = [
+                int(t.sum())
+                for t in torch.split(
+                    audio_output_lengths.flatten(),
+                    audio_input["audio_num_windows"].tolist(),
+                )
+            ]
+            return torch.split(masked_audio_features, item_lengths)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         audio_input = self._parse_and_validate_audio_input(**kwargs)
