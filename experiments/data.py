@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 
 from experiments.audio import SAMPLE_RATE, to_model_audio
@@ -194,8 +193,3 @@ def librispeech_manifest(root: str | Path, out_path: str | Path) -> Path:
     write_manifest(out_path, rows)
     return out_path
 
-
-def clip_audio(row: dict) -> np.ndarray:
-    from experiments.audio import load_audio
-
-    return load_audio(row["audio_filepath"])

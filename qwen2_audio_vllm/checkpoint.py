@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -163,8 +164,6 @@ def save_checkpoint(model: Qwen2AudioSwap, processor: Qwen2AudioProcessor, out_d
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     config = model.config
@@ -181,8 +180,6 @@ def save_checkpoint(model: Qwen2AudioSwap, processor: Qwen2AudioProcessor, out_d
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
