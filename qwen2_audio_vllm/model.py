@@ -130,7 +130,26 @@ class Qwen2AudioEmbeddingInputs(TensorSchema):
     ]
 
 
-Qwen2AudioInputs: TypeAlias = Qwen2AudioFeatureInputs | Qwen2AudioEmbeddingInputs
+# fork: pooled encoder outputs (what experiments/cache.py stores) instead of audio; the
+# model then runs only the projector
+class Qwen2AudioFrameInputs(TensorSchema):
+    """Dimensions:
+    - na: Number of audios
+    - nf: Number of pooled encoder frames (25 per second)
+    - hs: Encoder width (audio_config.d_model)
+    """
+
+    type: Literal["audio_frames"] = "audio_frames"
+
+    audio_frames: Annotated[
+        list[torch.Tensor],
+        TensorShape("na", "nf", "hs", dynamic_dims={"nf"}),
+    ]
+
+
+Qwen2AudioInputs: TypeAlias = (
+    Qwen2AudioFeatureInputs | Qwen2AudioEmbeddingInputs | Qwen2AudioFrameInputs  # fork
+)
 
 # === Audio Encoder === #
 
@@ -173,6 +192,7 @@ def _qwen2audio_field_config(hf_inputs: Mapping[str, torch.Tensor]):
     return dict(
         audio_embeds=MultiModalFieldConfig.batched("audio"),
         audio_num_tokens=MultiModalFieldConfig.batched("audio", keep_on_cpu=True),
+        audio_frames=MultiModalFieldConfig.batched("audio"),  # fork
         input_features=MultiModalFieldConfig.flat_from_sizes("audio", num_windows),
         feature_attention_mask=MultiModalFieldConfig.flat_from_sizes("audio", num_windows),
         audio_num_windows=MultiModalFieldConfig.batched("audio", keep_on_cpu=True),
@@ -202,6 +222,13 @@ class Qwen2AudioMultiModalDataParser(MultiModalDataParser):
         self,
         data: dict[str, torch.Tensor] | ModalityData[AudioItem],
     ) -> ModalityDataItems[Any, Any] | None:
+        if isinstance(data, dict) and "audio_frames" in data:  # fork
+            return DictEmbeddingItems(
+                data,
+                modality="audio",
+                required_fields={"audio_frames"},
+                fields_factory=_qwen2audio_field_config,
+            )
         if isinstance(data, dict) and "audio_num_tokens" not in data:
             return DictEmbeddingItems(
                 data,
@@ -311,6 +338,8 @@ def _check_audio_items(
     config: Qwen2AudioConfig,
 ) -> None:
     audios = mm_items.get("audio")
+    if isinstance(audios, DictEmbeddingItems):
+        _check_audio_frames(audios, config, feature_extractor)
     if not isinstance(audios, AudioProcessorItems):
         return
     w = windows.windowing(config, feature_extractor)
@@ -327,6 +356,33 @@ def _check_audio_items(
         if not np.isfinite(audio).all():
             raise ValueError(
                 f"audio {i} contains NaN or infinite samples; send finite PCM samples"
+            )
+
+
+# fork: precomputed pooled encoder frames must match the encoder they stand in for
+def _check_audio_frames(
+    items: DictEmbeddingItems,
+    config: Qwen2AudioConfig,
+    feature_extractor: WhisperFeatureExtractor,
+) -> None:
+    d_model = config.audio_config.d_model
+    w = windows.windowing(config, feature_extractor)
+    max_frames = w.max_samples // windows.SAMPLES_PER_POOLED_FRAME
+    for i in range(items.get_count()):
+        frames = items.get(i).get("audio_frames")
+        if frames is None:
+            return
+        if not isinstance(frames, torch.Tensor) or frames.ndim != 2 or frames.shape[-1] != d_model:
+            shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+            raise ValueError(
+                f"audio_frames[{i}] has shape {shape}; expected (frames, {d_model}): the "
+                "pooled outputs of this model's audio encoder (25 frames per second)"
+            )
+        if not frames.is_floating_point() or not torch.isfinite(frames).all():
+            raise ValueError(f"audio_frames[{i}] must be finite floating-point values, got {frames.dtype}")
+        if not 0 < frames.shape[0] <= max_frames:
+            raise ValueError(
+                f"audio_frames[{i}] has {frames.shape[0]} frames; expected 1 to {max_frames}"
             )
 
 
@@ -410,6 +466,10 @@ class Qwen2AudioMultiModalProcessor(BaseMultiModalProcessor[Qwen2AudioProcessing
                 num_features = int(audio_num_tokens[item_idx])
             elif audio_output_lengths:
                 num_features = audio_output_lengths[item_idx]
+            elif "audio_frames" in out_mm_data:  # fork: the projector's count
+                frames = out_mm_data["audio_frames"][item_idx]
+                projector = _projector_for(self.info.get_hf_config())
+                num_features = int(projector.output_lengths(torch.tensor([frames.shape[0]])))
             else:
                 audio_embeds = out_mm_data["audio_embeds"][item_idx]
                 assert isinstance(audio_embeds, torch.Tensor)
@@ -481,9 +541,13 @@ class Qwen2AudioSwapForConditionalGeneration(  # fork: renamed
     ) -> Qwen2AudioInputs | None:
         input_features = kwargs.pop("input_features", None)
         audio_embeds = kwargs.pop("audio_embeds", None)
+        audio_frames = kwargs.pop("audio_frames", None)  # fork
         feature_attention_mask = kwargs.pop("feature_attention_mask", None)
         audio_num_windows = kwargs.pop("audio_num_windows", None)  # fork
         audio_window_start = kwargs.pop("audio_window_start", None)  # fork
+
+        if audio_frames is not None:  # fork
+            return Qwen2AudioFrameInputs(type="audio_frames", audio_frames=audio_frames)
 
         if input_features is None and audio_embeds is None:
             return None
@@ -510,6 +574,15 @@ class Qwen2AudioSwapForConditionalGeneration(  # fork: renamed
         if audio_input["type"] == "audio_embeds":
             audio_embeds = audio_input["audio_embeds"]
             return tuple(audio_embeds)
+
+        if audio_input["type"] == "audio_frames":  # fork: the projector only
+            frames = list(audio_input["audio_frames"])
+            lengths = torch.tensor([f.shape[0] for f in frames], device=frames[0].device)
+            x = nn.utils.rnn.pad_sequence(frames, batch_first=True)
+            mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+            out = self.multi_modal_projector(x.to(self.audio_tower.conv1.weight.dtype), mask)
+            tokens = self.multi_modal_projector.output_lengths(lengths).tolist()
+            return tuple(o[: int(n)] for o, n in zip(out, tokens, strict=True))
 
         input_features = audio_input["input_features"]
         feature_attention_mask = audio_input["feature_attention_mask"]
