@@ -199,6 +199,9 @@ def plot_pareto(
             [p[1] for p in front],
             drawstyle="steps-pre",
             color="C3",
+            marker="o",
+            markerfacecolor="none",
+            markersize=11,
             label="Pareto front",
         )
         ax.legend(loc="best")
