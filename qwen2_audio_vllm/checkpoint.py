@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from projectors import build_projector
-from qwen2_audio_vllm.hf import Qwen2AudioSwap
+from qwen2_audio_vllm.hf import STOP_TOKENS, Qwen2AudioSwap
 from qwen2_audio_vllm.plugin import ARCHITECTURE  # noqa: E402  (one name, one place)
 
 UPSTREAM_ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
@@ -173,7 +173,7 @@ def save_checkpoint(model: Qwen2AudioSwap, processor: Qwen2AudioProcessor, out_d
     processor.save_pretrained(tmp)
     tok = processor.tokenizer
     GenerationConfig(
-        eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")],
+        eos_token_id=tok.convert_tokens_to_ids(STOP_TOKENS),
         pad_token_id=tok.pad_token_id,
         do_sample=False,
     ).save_pretrained(tmp)

@@ -18,6 +18,10 @@ from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncod
 from projectors import Projector, build_projector
 from qwen2_audio_vllm import windows
 
+# Generation stops at either token: the checkpoint's generation_config.json lists both
+# (vLLM reads it), and the HF reference must stop where vLLM stops.
+STOP_TOKENS = ["<|im_end|>", "<|endoftext|>"]
+
 
 def expand_audio_placeholders(
     input_ids: list[int], n_tokens: list[int], audio_token_id: int
@@ -177,10 +181,10 @@ def greedy_transcribe(
     pad = processor.tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left-padded
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    eos = model.config.text_config.eos_token_id
+    eos = processor.tokenizer.convert_tokens_to_ids(STOP_TOKENS)
     out = model.generate_greedy(input_ids, attention_mask, audio, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     tokens = []
     for row in out.tolist():
-        row = row[: row.index(eos) + 1] if eos in row else row
-        tokens.append(row)
+        stop = next((i for i, t in enumerate(row) if t in eos), None)
+        tokens.append(row if stop is None else row[: stop + 1])  # vLLM keeps the stop token
     return tokens, counts
