@@ -11,8 +11,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,7 +24,7 @@ def main() -> None:
     from vllm import SamplingParams
 
     from experiments.bench import request_audio
-    from experiments.cache import mel_features, pad_mels
+    from experiments.cache import encoder_frames
     from experiments.data import read_manifest
     from experiments.engine import audio_request, chat_prompt, close_llm, make_llm
     from experiments.prepare import ensure_random_tiny, ensure_synthetic
@@ -35,9 +33,7 @@ def main() -> None:
     ckpt = args.checkpoint or ensure_random_tiny()
     audios = request_audio(read_manifest(ensure_synthetic()["test"]), args.lengths, args.requests)
     model, processor = load_model(ckpt), load_processor(ckpt)
-    with torch.no_grad():  # what the encoder-output cache holds for these clips
-        frames, lengths = model.encode_audio(*pad_mels([mel_features(processor.feature_extractor, a) for a in audios]))
-    cached = [f[:n].clone() for f, n in zip(frames, lengths.tolist(), strict=True)]
+    cached = encoder_frames(model, processor.feature_extractor, audios)  # what the cache holds
     llm = make_llm(ckpt, max_num_seqs=args.requests, enable_mm_embeds=True)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     prompt = chat_prompt(llm.get_tokenizer())

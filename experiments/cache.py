@@ -48,6 +48,14 @@ def pad_mels(mels: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.
     return feats, mask.long()
 
 
+@torch.no_grad()
+def encoder_frames(model: Qwen2AudioSwap, fe, audios: list[np.ndarray]) -> list[torch.Tensor]:
+    """Pooled encoder frames of each clip, (T_i, d_audio): what the cache stores and what a
+    request may carry as `audio_frames`."""
+    frames, lengths = model.encode_audio(*pad_mels([mel_features(fe, a) for a in audios]), trim=True)
+    return [f[:n].contiguous().clone() for f, n in zip(frames, lengths.tolist(), strict=True)]
+
+
 def tower_hash(model: Qwen2AudioSwap) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.audio_tower.state_dict().items()):
@@ -93,10 +101,8 @@ def build(model: Qwen2AudioSwap, processor, rows: list[dict], cache_dir: Path, k
     shards, current, n_shard = [], {}, 0
     for start in tqdm(range(0, len(rows), batch_size), desc="encoder cache", unit="batch"):
         chunk = rows[start : start + batch_size]
-        feats, mask = pad_mels([mel_features(fe, load_audio(r["audio_filepath"])) for r in chunk])
-        frames, lengths = model.encode_audio(feats, mask, trim=True)
-        for i, (f, n) in enumerate(zip(frames, lengths.tolist(), strict=True)):
-            current[f"frames_{start + i}"] = f[:n].contiguous().clone()
+        for i, f in enumerate(encoder_frames(model, fe, [load_audio(r["audio_filepath"]) for r in chunk])):
+            current[f"frames_{start + i}"] = f
         if len(current) >= SHARD or start + batch_size >= len(rows):
             name = f"shard_{n_shard:05d}.safetensors"
             save_file(current, tmp / name)

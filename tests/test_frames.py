@@ -20,12 +20,10 @@ def test_frames_give_the_same_output_as_audio(tiny_base, speech_clips, tmp_path)
 
     ckpt = derive_checkpoint(tiny_base, {"name": "mlp", "stack": 2}, tmp_path / "c", seed=3)
     model, processor = load_model(ckpt), load_processor(ckpt)
-    from experiments.cache import mel_features, pad_mels
+    from experiments.cache import encoder_frames
 
     audios = [a for _, a, _ in speech_clips]
-    with torch.no_grad():
-        frames, lengths = model.encode_audio(*pad_mels([mel_features(processor.feature_extractor, a) for a in audios]))
-    cached = [f[:n].clone() for f, n in zip(frames, lengths.tolist(), strict=True)]
+    cached = encoder_frames(model, processor.feature_extractor, audios)
     llm = make_llm(ckpt, enable_mm_embeds=True)  # vLLM's switch for non-audio inputs
     try:
         prompt = chat_prompt(processor.tokenizer)
