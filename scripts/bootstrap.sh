@@ -54,7 +54,8 @@ fi
 
 # The venv is shared between clones: point the editable install (and its vLLM plugin entry
 # point) at this clone if it points elsewhere.
-installed=$("$venv/bin/python" -c "import os, qwen2_audio_vllm as m; print(os.path.dirname(os.path.dirname(os.path.realpath(m.__file__))))" 2>/dev/null || true)
+# -P: without it `python -c` imports from the current directory and always matches
+installed=$("$venv/bin/python" -P -c "import os, qwen2_audio_vllm as m; print(os.path.dirname(os.path.dirname(os.path.realpath(m.__file__))))" 2>/dev/null || true)
 if [ "$installed" != "$repo" ]; then
   say "installing this clone ($repo) in editable mode"
   "$venv/bin/pip" install -q --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
