@@ -107,3 +107,20 @@ class EmbedAudio:
                 audio_window_start=torch.zeros(n, dtype=torch.long),
             )
         return [e.float().cpu() for e in emb]
+
+
+class EmbedModality:
+    """`llm.apply_model(EmbedModality("m1", rows))` -> [the engine model's embeddings of an
+    extra modality's items (modalities.py), one (n_i', d_text) tensor per item]. Same
+    VLLM_ALLOW_INSECURE_SERIALIZATION requirement as EmbedAudio."""
+
+    def __init__(self, name: str, rows: list) -> None:
+        self.name, self.rows = name, rows
+
+    def __call__(self, model) -> list:
+        import torch
+
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            emb = model.embed_multimodal(**{f"{self.name}_embeds": [r.to(device) for r in self.rows]})
+        return [e.float().cpu() for e in emb]

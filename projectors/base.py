@@ -74,3 +74,15 @@ def check_stack(stack: int) -> int:
     if not isinstance(stack, int) or stack < 1:
         raise ValueError(f"stack must be an integer >= 1 (frames concatenated per token), got {stack!r}")
     return stack
+
+
+def project_sequences(projector: Projector, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Ragged inputs, one (n_i, in_dim) tensor each -> one (output_lengths(n_i), out_dim)
+    tensor each, computed as one padded, masked batch."""
+    device = seqs[0].device
+    lengths = torch.tensor([s.shape[0] for s in seqs], device=device)
+    dtype = next(projector.parameters()).dtype
+    x = nn.utils.rnn.pad_sequence([s.to(dtype) for s in seqs], batch_first=True)
+    mask = torch.arange(x.shape[1], device=device)[None, :] < lengths[:, None]
+    out = projector(x, mask)
+    return [o[: int(n)] for o, n in zip(out, projector.output_lengths(lengths), strict=True)]

@@ -33,6 +33,7 @@ from transformers import (
 
 from projectors import build_projector
 from qwen2_audio_vllm.hf import STOP_TOKENS, Qwen2AudioSwap
+from qwen2_audio_vllm.modalities import build_modality_projectors, modality_specs
 from qwen2_audio_vllm.plugin import ARCHITECTURE  # noqa: E402  (one name, one place)
 
 UPSTREAM_ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
@@ -168,6 +169,8 @@ def save_checkpoint(model: Qwen2AudioSwap, processor: Qwen2AudioProcessor, out_d
     tmp.mkdir(parents=True)
     config = model.config
     config.projector = projector_block(model.multi_modal_projector)
+    for name, projector in getattr(model, "modality_projectors", {}).items():
+        config.modalities[name] = dict(config.modalities[name], projector=projector_block(projector))
     config.architectures = [ARCHITECTURE]
     config.save_pretrained(tmp)
     processor.save_pretrained(tmp)
@@ -204,10 +207,11 @@ def check_projector_weights(
     expected: Mapping[str, torch.Size],
     found: Mapping[str, torch.Size],
     partial: bool = False,
+    prefix: str = "multi_modal_projector.",
 ) -> None:
-    """Raise if the checkpoint's projector tensors do not fit the declared projector.
-    `partial`: `found` is only what was read so far, so absent keys are not yet missing."""
-    prefix = "multi_modal_projector."
+    """Raise if the checkpoint's projector tensors (names under `prefix`) do not fit the
+    declared projector. `partial`: `found` is only what was read so far, so absent keys are
+    not yet missing."""
     exp = {k: tuple(v) for k, v in expected.items() if k.startswith(prefix)}
     got = {k: tuple(v) for k, v in found.items() if k.startswith(prefix)}
     if partial:
@@ -217,9 +221,9 @@ def check_projector_weights(
         unexpected = {k: got[k] for k in got.keys() - exp.keys()}
         shapes = {k: (exp[k], got[k]) for k in exp.keys() & got.keys() if exp[k] != got[k]}
         raise ValueError(
-            f"checkpoint weights do not match the declared projector {dict(block)}: "
+            f"checkpoint weights {prefix}* do not match the declared projector {dict(block)}: "
             f"missing {missing or 'none'}; unexpected {unexpected or 'none'}; "
-            f"shape (expected, found) {shapes or 'none'}. The 'projector' block in config.json "
+            f"shape (expected, found) {shapes or 'none'}. The projector block in config.json "
             "must describe the projector the weights were trained with."
         )
 
@@ -232,7 +236,8 @@ def load_model(ckpt_dir: str | Path, projector: Mapping[str, Any] | None = None,
     state = load_file(Path(ckpt_dir) / WEIGHTS)
     expected = model.state_dict()
     if load_projector:
-        check_projector_weights(config.projector, {k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in state.items()})
+        for block, prefix in projector_blocks(config):
+            check_projector_weights(block, {k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in state.items()}, prefix=prefix)
     else:
         state = {k: v for k, v in state.items() if not k.startswith("multi_modal_projector.")}
         state.update({k: v for k, v in expected.items() if k.startswith("multi_modal_projector.")})
@@ -265,21 +270,36 @@ def validate_checkpoint(ckpt_dir: str | Path) -> Qwen2AudioConfig:
     config = load_config(ckpt_dir)
     with torch.device("meta"):
         projector = build_projector(config.projector, config.audio_config.d_model, config.text_config.hidden_size)
+        extra = build_modality_projectors(config)
     expected = {f"multi_modal_projector.{k}": v.shape for k, v in projector.state_dict().items()}
+    expected.update({f"modality_projectors.{k}": v.shape for k, v in extra.state_dict().items()})
     found = {}
     for shard in sorted(ckpt_dir.glob("*.safetensors")):
         with safe_open(str(shard), "pt") as f:
             for key in f.keys():
-                if key.startswith("multi_modal_projector."):
+                if key.startswith(("multi_modal_projector.", "modality_projectors.")):
                     found[key] = torch.Size(f.get_slice(key).get_shape())
-    check_projector_weights(config.projector, expected, found)
+    for block, prefix in projector_blocks(config):
+        check_projector_weights(block, expected, found, prefix=prefix)
     vocab = json.loads((ckpt_dir / "tokenizer.json").read_text())["added_tokens"] if (ckpt_dir / "tokenizer.json").exists() else []
-    have = {t["content"] for t in vocab}
+    have = {t["content"]: t["id"] for t in vocab}
     if vocab and (missing := [t for t in SPECIAL_TOKENS if t not in have]):
         raise ValueError(
             f"{ckpt_dir}/tokenizer.json lacks special tokens {missing}; expected all of {SPECIAL_TOKENS}"
         )
+    for m in modality_specs(config).values():
+        if vocab and have.get(m.token) != m.token_id:
+            raise ValueError(
+                f"config.json modality {m.name!r} uses placeholder {m.token} = id {m.token_id}, but "
+                f"tokenizer.json has {m.token} = {have.get(m.token)}; re-create it with add_modalities()"
+            )
     return config
+
+
+def projector_blocks(config: Qwen2AudioConfig) -> list[tuple[Mapping[str, Any], str]]:
+    """(config.json block, weight-name prefix) for the audio projector and each extra modality's."""
+    blocks = [(config.projector, "multi_modal_projector.")]
+    return blocks + [(m.projector, m.prefix) for m in modality_specs(config).values()]
 
 
 def adopt_checkpoint(src: Path, out_root: Path) -> Path:

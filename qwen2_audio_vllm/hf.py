@@ -16,7 +16,9 @@ from transformers import Qwen2AudioConfig, Qwen2ForCausalLM
 from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 
 from projectors import Projector, build_projector
+from projectors.base import project_sequences
 from qwen2_audio_vllm import windows
+from qwen2_audio_vllm.modalities import build_modality_projectors, modality_specs
 
 # Generation stops at either token: the checkpoint's generation_config.json lists both
 # (vLLM reads it), and the HF reference must stop where vLLM stops.
@@ -55,6 +57,8 @@ class Qwen2AudioSwap(nn.Module):
             config.projector, config.audio_config.d_model, config.text_config.hidden_size
         )
         self.language_model = Qwen2ForCausalLM(config.text_config)
+        if modality_specs(config):  # extra modalities (modalities.py); absent otherwise
+            self.modality_projectors = build_modality_projectors(config)
 
     @property
     def audio_token_id(self) -> int:
@@ -95,18 +99,34 @@ class Qwen2AudioSwap(nn.Module):
         n_tokens = self.multi_modal_projector.output_lengths(lengths)
         return [out[i, : int(n)] for i, n in enumerate(n_tokens)]
 
-    def embed(self, input_ids: torch.Tensor, audio_embeds: list[torch.Tensor]) -> torch.Tensor:
+    def project_modality(self, name: str, items: list[torch.Tensor]) -> list[torch.Tensor]:
+        """An extra modality's inputs, (n_i, in_dim) each -> (n_i', d_text) each."""
+        return project_sequences(self.modality_projectors[name], items)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        audio_embeds: list[torch.Tensor],
+        modality_embeds: dict[str, list[torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
         """Text embeddings with the rows of <|AUDIO|> placeholders replaced, in order, by the
-        audio embeddings. The placeholder count must equal the total audio rows."""
+        audio embeddings, and each extra modality's placeholder rows by its (projected)
+        embeddings. Each placeholder count must equal the rows given for it."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
-        is_audio = input_ids == self.audio_token_id
-        audio = torch.cat(audio_embeds).to(embeds.dtype) if audio_embeds else embeds[:0, 0]
-        if int(is_audio.sum()) != audio.shape[0]:
-            raise ValueError(
-                f"prompt has {int(is_audio.sum())} <|AUDIO|> placeholders but the audio gives "
-                f"{audio.shape[0]} embeddings; expand placeholders with projector.output_lengths"
-            )
-        return embeds.masked_scatter(is_audio[..., None], audio)
+        slots = [("<|AUDIO|>", self.audio_token_id, audio_embeds)]
+        specs = modality_specs(self.config)
+        for name, rows in (modality_embeds or {}).items():
+            slots.append((specs[name].token, specs[name].token_id, rows))
+        for token, token_id, rows in slots:
+            is_slot = input_ids == token_id
+            values = torch.cat(rows).to(embeds.dtype) if rows else embeds[:0, 0]
+            if int(is_slot.sum()) != values.shape[0]:
+                raise ValueError(
+                    f"prompt has {int(is_slot.sum())} {token} placeholders but {values.shape[0]} "
+                    "embeddings were given; expand placeholders with projector.output_lengths"
+                )
+            embeds = embeds.masked_scatter(is_slot[..., None], values)
+        return embeds
 
     def audio_embeddings(
         self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor
@@ -132,10 +152,11 @@ class Qwen2AudioSwap(nn.Module):
         max_new_tokens: int,
         eos_token_id: list[int] | int | None = None,
         pad_token_id: int | None = None,
+        modality_embeds: dict[str, list[torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Greedy decoding; returns only the new tokens (B, <= max_new_tokens).
         Prompts must be left-padded."""
-        embeds = self.embed(input_ids, audio_embeds)
+        embeds = self.embed(input_ids, audio_embeds, modality_embeds)
         return self.language_model.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,

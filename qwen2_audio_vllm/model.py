@@ -31,7 +31,7 @@ architecture `Qwen2AudioSwapForConditionalGeneration` through the plugin (plugin
 
 import json  # fork: projector cache key
 from collections.abc import Iterable, Mapping, Sequence
-from functools import lru_cache  # fork
+from functools import lru_cache, partial  # fork
 from typing import Annotated, Any, Literal, TypeAlias
 
 import numpy as np  # fork
@@ -85,8 +85,15 @@ from vllm.model_executor.models.utils import (
     maybe_prefix,
 )
 from projectors import Projector, build_projector
+from projectors.base import project_sequences
 from qwen2_audio_vllm import windows
-from qwen2_audio_vllm.checkpoint import check_projector_weights
+from qwen2_audio_vllm.checkpoint import check_projector_weights, projector_blocks
+from qwen2_audio_vllm.modalities import (
+    Modality,
+    build_modality_projectors,
+    check_embeddings,
+    modality_specs,
+)
 
 
 # # === Audio Inputs === #
@@ -168,15 +175,18 @@ def _build_projector(config: Qwen2AudioConfig) -> Projector:
 
 
 @lru_cache(maxsize=16)
-def _meta_projector(config_json: str) -> Projector:
-    """Weightless projector (meta device) for the processor's token counts."""
+def _meta_projector(config_json: str, modality: str | None) -> Projector:
+    """Weightless projector (meta device) for the processor's token counts: the audio
+    projector, or an extra modality's (modalities.py)."""
     config = Qwen2AudioConfig.from_dict(json.loads(config_json))
     with torch.device("meta"):
+        if modality is not None:
+            return build_modality_projectors(config)[modality]
         return _build_projector(config)
 
 
-def _projector_for(config: Qwen2AudioConfig) -> Projector:
-    return _meta_projector(config.to_json_string(use_diff=False))
+def _projector_for(config: Qwen2AudioConfig, modality: str | None = None) -> Projector:
+    return _meta_projector(config.to_json_string(use_diff=False), modality)
 
 
 # From Qwen2AudioEncoder._get_feat_extract_output_lengths
@@ -213,10 +223,44 @@ def _audio_token_counts(
     return [int(t.sum()) for t in torch.split(tokens, num_windows.tolist())]
 
 
+# fork: items of an extra modality (modalities.py), validated (n, in_dim) tensors that reach
+# the model as `<name>_embeds`. Not vLLM's EmbeddingItems: these are the modality's inputs
+# (they go through its projector), not LLM-width embeddings, so --enable-mm-embeds is not
+# needed.
+class ModalityEmbeddingItems(ModalityDataItems[list[torch.Tensor], torch.Tensor]):
+    def __init__(self, data: object, modality: Modality) -> None:
+        super().__init__(check_embeddings(modality, data), modality.name)
+        self.key = modality.key
+
+    def get_count(self) -> int:
+        return len(self.data)
+
+    def get(self, index: int) -> torch.Tensor:
+        return self.data[index]
+
+    def get_processor_data(self) -> Mapping[str, object]:
+        return {}
+
+    def get_passthrough_data(self) -> Mapping[str, object]:
+        return {self.key: self.data}
+
+
 class Qwen2AudioMultiModalDataParser(MultiModalDataParser):
     embedding_fields = {
         "audio": {"audio_embeds": "values", "audio_num_tokens": "metadata"},
     }
+
+    # fork: one subparser per extra modality declared in config.json
+    def __init__(self, *args, modalities: Mapping[str, Modality], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.modalities = modalities
+
+    def _get_subparsers(self):
+        parsers = {
+            name: partial(ModalityEmbeddingItems, modality=m)
+            for name, m in self.modalities.items()
+        }
+        return {**super()._get_subparsers(), **parsers}
 
     def _parse_audio_data(
         self,
@@ -253,10 +297,25 @@ class Qwen2AudioProcessingInfo(BaseProcessingInfo):
         assert isinstance(feature_extractor, WhisperFeatureExtractor)
         return feature_extractor
 
+    # fork: extra modalities, their placeholder ids checked against the tokenizer
+    def get_modalities(self) -> dict[str, Modality]:
+        specs = modality_specs(self.get_hf_config())
+        tokenizer = self.get_tokenizer()
+        for m in specs.values():
+            if tokenizer.convert_tokens_to_ids(m.token) != m.token_id:
+                raise ValueError(
+                    f"config.json modality {m.name!r} expects placeholder {m.token} = id "
+                    f"{m.token_id}, but the tokenizer maps it to "
+                    f"{tokenizer.convert_tokens_to_ids(m.token)}; re-create the checkpoint "
+                    "with qwen2_audio_vllm.modalities.add_modalities"
+                )
+        return specs
+
     def get_data_parser(self):
         feature_extractor = self.get_feature_extractor()
 
         return Qwen2AudioMultiModalDataParser(
+            modalities=self.get_modalities(),  # fork
             target_sr=feature_extractor.sampling_rate,
             target_channels=self.get_target_channels(),
             expected_hidden_size=self._get_expected_hidden_size(),
@@ -271,7 +330,8 @@ class Qwen2AudioProcessingInfo(BaseProcessingInfo):
         return 1
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"audio": None}
+        extra = modality_specs(self.get_hf_config())  # fork
+        return {"audio": None, **dict.fromkeys(extra)}
 
     def get_mm_max_tokens_per_item(
         self,
@@ -279,8 +339,15 @@ class Qwen2AudioProcessingInfo(BaseProcessingInfo):
         mm_counts: Mapping[str, int] | None = None,
     ) -> Mapping[str, int]:
         mm_counts = mm_counts or {}
+        # fork: an extra modality's largest input gives its projector's most tokens
+        config = self.get_hf_config()
+        extra = {
+            name: int(_projector_for(config, name).output_lengths(torch.tensor([m.max_len])))
+            for name, m in modality_specs(config).items()
+            if mm_counts.get(name, 0) > 0
+        }
         if mm_counts.get("audio", 0) <= 0:
-            return {}
+            return extra
 
         feature_extractor = self.get_feature_extractor()
         chunk_length = feature_extractor.chunk_length  # fork: was min(chunk_length, 30)
@@ -295,7 +362,7 @@ class Qwen2AudioProcessingInfo(BaseProcessingInfo):
         w = windows.windowing(self.get_hf_config(), feature_extractor)
         output_lengths = output_lengths * w.max_windows
 
-        return {"audio": int(output_lengths.item())}
+        return {"audio": int(output_lengths.item()), **extra}  # fork
 
 
 class Qwen2AudioDummyInputsBuilder(BaseDummyInputsBuilder[Qwen2AudioProcessingInfo]):
@@ -307,7 +374,11 @@ class Qwen2AudioDummyInputsBuilder(BaseDummyInputsBuilder[Qwen2AudioProcessingIn
         audio_bos_token = hf_processor.audio_bos_token
         audio_eos_token = hf_processor.audio_eos_token
 
-        return (audio_bos_token + audio_token + audio_eos_token) * num_audios
+        # fork: one placeholder per extra-modality item
+        extra = modality_specs(self.info.get_hf_config())
+        return (audio_bos_token + audio_token + audio_eos_token) * num_audios + "".join(
+            m.token * mm_counts.get(name, 0) for name, m in extra.items()
+        )
 
     def get_dummy_mm_data(
         self,
@@ -320,12 +391,19 @@ class Qwen2AudioDummyInputsBuilder(BaseDummyInputsBuilder[Qwen2AudioProcessingIn
         sampling_rate = feature_extractor.sampling_rate
         audio_len = feature_extractor.chunk_length * sampling_rate
 
+        # fork: the longest input each extra modality accepts
+        extra = modality_specs(self.info.get_hf_config())
         return {
             "audio": self._get_dummy_audios(
                 length=audio_len,
                 num_audios=mm_counts.get("audio", 0),
                 overrides=mm_options.get("audio"),
-            )
+            ),
+            **{
+                name: [torch.randn(m.max_len, m.in_dim)] * mm_counts.get(name, 0)
+                for name, m in extra.items()
+                if mm_counts.get(name, 0) > 0
+            },
         }
 
 
@@ -434,7 +512,11 @@ class Qwen2AudioMultiModalProcessor(BaseMultiModalProcessor[Qwen2AudioProcessing
         hf_inputs: BatchFeature,
         hf_processor_mm_kwargs: Mapping[str, object],
     ) -> Mapping[str, MultiModalFieldConfig]:
-        return _qwen2audio_field_config(hf_inputs)
+        extra = modality_specs(self.info.get_hf_config())  # fork
+        return {
+            **_qwen2audio_field_config(hf_inputs),
+            **{m.key: MultiModalFieldConfig.batched(name) for name, m in extra.items()},
+        }
 
     def _get_prompt_updates(
         self,
@@ -487,12 +569,26 @@ class Qwen2AudioMultiModalProcessor(BaseMultiModalProcessor[Qwen2AudioProcessing
 
             return [audio_token_id] * num_features
 
+        # fork: each extra-modality item's placeholder becomes its projector's token count
+        def get_replacement_modality(m: Modality, item_idx: int):
+            rows = out_mm_kwargs[m.name][item_idx].get_data()[m.key]
+            projector = _projector_for(self.info.get_hf_config(), m.name)
+            return [m.token_id] * int(projector.output_lengths(torch.tensor([rows.shape[0]])))
+
+        extra = modality_specs(self.info.get_hf_config())
         return [
             PromptReplacement(
                 modality="audio",
                 target=[audio_token_id],
                 replacement=get_replacement_qwen2_audio,
             )
+        ] + [
+            PromptReplacement(
+                modality=name,
+                target=[m.token_id],
+                replacement=partial(get_replacement_modality, m),
+            )
+            for name, m in extra.items()
         ]
 
 
@@ -523,6 +619,12 @@ class Qwen2AudioSwapForConditionalGeneration(  # fork: renamed
         with self._mark_tower_model(vllm_config, "audio"):
             self.audio_tower = Qwen2AudioEncoder(config.audio_config)
             self.multi_modal_projector = _build_projector(config)  # fork
+
+        # fork: extra modalities' projectors (modalities.py), absent when none are declared
+        self.modalities = modality_specs(config)
+        if self.modalities:
+            with self._mark_tower_model(vllm_config, set(self.modalities)):
+                self.modality_projectors = build_modality_projectors(config)
 
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
@@ -577,12 +679,7 @@ class Qwen2AudioSwapForConditionalGeneration(  # fork: renamed
 
         if audio_input["type"] == "audio_frames":  # fork: the projector only
             frames = list(audio_input["audio_frames"])
-            lengths = torch.tensor([f.shape[0] for f in frames], device=frames[0].device)
-            x = nn.utils.rnn.pad_sequence(frames, batch_first=True)
-            mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
-            out = self.multi_modal_projector(x.to(self.audio_tower.conv1.weight.dtype), mask)
-            tokens = self.multi_modal_projector.output_lengths(lengths).tolist()
-            return tuple(o[: int(n)] for o, n in zip(out, tokens, strict=True))
+            return tuple(project_sequences(self.multi_modal_projector, frames))
 
         input_features = audio_input["input_features"]
         feature_attention_mask = audio_input["feature_attention_mask"]
@@ -666,6 +763,10 @@ class Qwen2AudioSwapForConditionalGeneration(  # fork: renamed
             return torch.split(masked_audio_features, item_lengths)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        # fork: vLLM calls this once per modality; an extra modality runs its projector
+        for name, m in self.modalities.items():
+            if (rows := kwargs.get(m.key)) is not None:
+                return tuple(project_sequences(self.modality_projectors[name], list(rows)))
         audio_input = self._parse_and_validate_audio_input(**kwargs)
         if audio_input is None:
             return []
@@ -695,23 +796,28 @@ class Qwen2AudioSwapForConditionalGeneration(  # fork: renamed
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        # fork: projector tensors must fit the declared projector; checked while streaming
-        # so the error names both shapes instead of a loader assertion
+        # fork: projector tensors (audio and extra modalities) must fit the declared
+        # projectors; checked while streaming so the error names both shapes instead of a
+        # loader assertion
+        blocks = projector_blocks(self.config)
         expected = {
-            f"multi_modal_projector.{k}": v.shape
-            for k, v in self.multi_modal_projector.state_dict().items()
+            k: v.shape
+            for k, v in self.state_dict().items()
+            if k.startswith(tuple(prefix for _, prefix in blocks))
         }
         found: dict[str, torch.Size] = {}
 
         def checked(weights):
             for name, tensor in weights:
-                if name.startswith("multi_modal_projector."):
-                    found[name] = tensor.shape
-                    check_projector_weights(
-                        self.config.projector, expected, found, partial=True
-                    )
+                for block, prefix in blocks:
+                    if name.startswith(prefix):
+                        found[name] = tensor.shape
+                        check_projector_weights(
+                            block, expected, found, partial=True, prefix=prefix
+                        )
                 yield name, tensor
-            check_projector_weights(self.config.projector, expected, found)
+            for block, prefix in blocks:
+                check_projector_weights(block, expected, found, prefix=prefix)
 
         loader = AutoWeightsLoader(self)
         return loader.load_weights(checked(weights))

@@ -1,0 +1,207 @@
+"""Extra input modalities (seed 003): embeddings from other encoders, each through its own
+projector, merged into the prompt at its own placeholder token.
+
+config.json declares them beside the audio "projector" block:
+
+    "modalities": {
+      "m1": {"in_dim": 768, "token": "<|M1|>", "token_id": 1006, "max_len": 1500,
+             "projector": {"name": "mlp", "stack": 1}},
+      "m2": {"in_dim": 512, "token": "<|M2|>", "token_id": 1007, "max_len": 1500,
+             "projector": {"name": "linear", "stack": 1}}
+    }
+
+A request carries `multi_modal_data={"m1": tensor (n, 768) or a list of them, "m2": ...}`
+and its prompt holds one `<|M1|>` per m1 item; vLLM (the fork) and the HF twin replace that
+token by the item's `projector.output_lengths(n)` projected rows. The projectors are the
+`projectors/` families, weights under `modality_projectors.<name>.*`. `add_modalities`
+turns any checkpoint into one with extra modalities (new placeholder tokens, freshly
+initialised projectors). Pure torch: no vLLM import.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from projectors import build_projector
+
+# vLLM's own modality names: a request's multi_modal_data keys must map to one parser.
+RESERVED = frozenset({"audio", "image", "video", "vision_chunk"})
+NAME = re.compile(r"[a-z][a-z0-9_]{0,31}$")
+DEFAULT_MAX_LEN = 1500  # as many rows as 60 s of pooled audio frames
+
+
+@dataclass(frozen=True)
+class Modality:
+    name: str
+    in_dim: int
+    token: str
+    token_id: int
+    max_len: int
+    projector: Mapping[str, Any]
+
+    @property
+    def key(self) -> str:
+        """The model keyword (and processed-input field) carrying this modality's rows."""
+        return f"{self.name}_embeds"
+
+    @property
+    def prefix(self) -> str:
+        """Its projector's weight names in the checkpoint."""
+        return f"modality_projectors.{self.name}."
+
+
+def modality_specs(config: Any) -> dict[str, Modality]:
+    """config.json's "modalities" block, validated; {} when there is none."""
+    block = getattr(config, "modalities", None) or {}
+    if not isinstance(block, Mapping):
+        raise ValueError(f"config.json 'modalities' must be a mapping of name -> spec, got {type(block).__name__}")
+    out = {}
+    for name, spec in block.items():
+        where = f"config.json modalities.{name}"
+        if not NAME.match(name) or name in RESERVED:
+            raise ValueError(
+                f"{where}: modality names are lowercase identifiers other than {sorted(RESERVED)}"
+            )
+        missing = {"in_dim", "token", "token_id", "projector"} - set(spec)
+        if missing:
+            raise ValueError(f"{where} lacks {sorted(missing)}; add_modalities() writes a complete block")
+        in_dim, max_len = spec["in_dim"], spec.get("max_len", DEFAULT_MAX_LEN)
+        if not (isinstance(in_dim, int) and in_dim > 0 and isinstance(max_len, int) and max_len > 0):
+            raise ValueError(f"{where}: in_dim and max_len must be positive integers, got {in_dim!r}, {max_len!r}")
+        declared = dict(spec["projector"]).get("in_dim", in_dim)
+        if declared != in_dim:
+            raise ValueError(
+                f"{where}: in_dim={in_dim} but its projector block declares in_dim={declared}; "
+                "they must agree (the projector's input is this modality's embedding width)"
+            )
+        out[name] = Modality(name, in_dim, spec["token"], int(spec["token_id"]), max_len, dict(spec["projector"]))
+    ids = [m.token_id for m in out.values()]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"config.json modalities share a placeholder token id: {ids}")
+    return out
+
+
+def build_modality_projectors(config: Any) -> nn.ModuleDict:
+    """One projector per declared modality: in_dim -> the LLM width."""
+    width = config.text_config.hidden_size
+    return nn.ModuleDict(
+        {name: build_projector(m.projector, m.in_dim, width) for name, m in modality_specs(config).items()}
+    )
+
+
+def check_embeddings(modality: Modality, data: Any) -> list[torch.Tensor]:
+    """A request's data for `modality` -> a list of (n, in_dim) tensors, or ValueError.
+    Accepts one (n, in_dim) tensor, a (b, n, in_dim) batch, or a list of (n, in_dim)."""
+    if isinstance(data, torch.Tensor):
+        items = [data] if data.ndim == 2 else list(data) if data.ndim == 3 else [data]
+    elif isinstance(data, (list, tuple)):
+        items = list(data)
+    else:
+        items = [data]
+    expected = f"expected (n, {modality.in_dim}) floating-point tensors with 1 <= n <= {modality.max_len}"
+    for i, x in enumerate(items):
+        what = f"{modality.name} item {i}"
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{what} is a {type(x).__name__}; {expected}")
+        if x.ndim != 2 or x.shape[-1] != modality.in_dim:
+            raise ValueError(
+                f"{what} has shape {tuple(x.shape)}; {expected} "
+                f"(config.json modalities.{modality.name}.in_dim = the {modality.name} encoder's width)"
+            )
+        if not x.is_floating_point() or not torch.isfinite(x).all():
+            raise ValueError(f"{what} must hold finite floating-point values ({x.dtype}); {expected}")
+        if not 1 <= x.shape[0] <= modality.max_len:
+            raise ValueError(
+                f"{what} has {x.shape[0]} rows; {expected} (raise modalities.{modality.name}.max_len "
+                "in config.json for longer inputs)"
+            )
+    return items
+
+
+def add_modalities(
+    src_dir: str | Path, out_dir: str | Path, specs: Mapping[str, Mapping[str, Any]], seed: int = 0
+) -> Path:
+    """A copy of checkpoint `src_dir` with extra modalities, e.g.
+    `{"m2": {"in_dim": 512, "projector": {"name": "linear"}}}` (optional: "token",
+    default `<|M2|>`; "max_len"). Each gets a new special placeholder token and a freshly
+    initialised (seeded) projector. When a token id lands past the LLM vocabulary, the
+    embedding and output rows grow by copies of `<|AUDIO|>`'s rows: a placeholder's
+    embedding is always replaced, and like `<|AUDIO|>` it was never a training target, so a
+    trained model does not emit it."""
+    from qwen2_audio_vllm.checkpoint import load_model, load_processor, save_checkpoint
+
+    processor = load_processor(src_dir)
+    tokenizer = processor.tokenizer
+    model = load_model(src_dir)
+    config = model.config
+    block = dict(getattr(config, "modalities", None) or {})
+    tokens = {name: spec.get("token", f"<|{name.upper()}|>") for name, spec in specs.items()}
+    known = set(tokenizer.get_vocab())
+    if clash := sorted(set(block) & set(specs)) or sorted(t for t in tokens.values() if t in known):
+        raise ValueError(f"{src_dir} already has {clash}; pick new modality names and tokens")
+    tokenizer.add_tokens(list(tokens.values()), special_tokens=True)
+    for name, spec in specs.items():
+        block[name] = {
+            "in_dim": spec["in_dim"],
+            "token": tokens[name],
+            "token_id": tokenizer.convert_tokens_to_ids(tokens[name]),
+            "max_len": spec.get("max_len", DEFAULT_MAX_LEN),
+            "projector": dict(spec["projector"]),
+        }
+    _grow_vocab(model, len(tokenizer))
+    config.modalities = block
+    modality_specs(config)  # validate before building
+    torch.manual_seed(seed)
+    fresh = build_modality_projectors(config)
+    if hasattr(model, "modality_projectors"):
+        for name, projector in model.modality_projectors.items():
+            fresh[name] = projector  # existing modalities keep their weights
+    model.modality_projectors = fresh
+    return save_checkpoint(model, processor, out_dir)
+
+
+def _grow_vocab(model: nn.Module, size: int) -> None:
+    lm = model.language_model
+    old = lm.get_input_embeddings().weight.shape[0]
+    if size <= old:
+        return  # the released 7B model's vocabulary has spare rows
+    audio = model.config.audio_token_id
+    lm.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        for weight in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight):
+            weight[old:] = weight[audio]
+    model.config.text_config.vocab_size = size
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        description="Copy a checkpoint, adding extra embedding modalities (placeholder tokens, "
+        "freshly initialised projectors).",
+        epilog='example: python -m qwen2_audio_vllm.modalities SRC OUT --spec \'{"m1": {"in_dim": 768, '
+        '"projector": {"name": "mlp"}}, "m2": {"in_dim": 512, "projector": {"name": "linear"}}}\'',
+    )
+    parser.add_argument("src", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--spec", required=True, help="JSON: {name: {in_dim, projector, [token], [max_len]}}")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = add_modalities(args.src, args.out, json.loads(args.spec), seed=args.seed)
+    from qwen2_audio_vllm.checkpoint import load_config
+
+    for m in modality_specs(load_config(out)).values():
+        print(f"{m.name}: ({m.in_dim}-wide rows) -> {m.projector['name']} projector, placeholder {m.token} (id {m.token_id})")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
