@@ -1,0 +1,75 @@
+"""Long-form transcription by segments (experiments/long_form.py): cutting at pauses, and
+the joined transcript through vLLM against the HF twin."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from experiments.audio import SAMPLE_RATE
+from experiments.long_form import pause_segments, transcribe_long
+
+
+@pytest.fixture(scope="module")
+def long_clip(speech_clips):
+    """75 s: the eight phrases, three times over, with 0.4-1.0 s pauses; (audio, spans)."""
+    rng = np.random.default_rng(0)
+    parts, spans, n = [], [], 0
+    for _ in range(3):
+        for _, audio, _ in speech_clips:
+            gap = np.zeros(int(rng.uniform(0.4, 1.0) * SAMPLE_RATE), dtype=np.float32)
+            parts += [gap, audio]
+            spans.append((n + len(gap), n + len(gap) + len(audio)))
+            n += len(gap) + len(audio)
+    assert n < 75 * SAMPLE_RATE
+    parts.append(np.zeros(75 * SAMPLE_RATE - n, dtype=np.float32))
+    return np.concatenate(parts), spans
+
+
+def test_each_utterance_is_one_segment_in_order(long_clip):
+    audio, spans = long_clip
+    segments = pause_segments(audio)
+    assert len(segments) == len(spans) == 24
+    for (start, end), (a, b) in zip(segments, spans, strict=True):
+        loud = a + np.flatnonzero(np.abs(audio[a:b]) > 0.01)  # the utterance's audible samples
+        assert start <= loud[0] + 0.02 * SAMPLE_RATE and end >= loud[-1]  # nothing of it cut off
+        assert end - start <= (b - a) + 0.3 * SAMPLE_RATE  # and little else
+    assert all(e1 <= s2 for (_, e1), (s2, _) in itertools.pairwise(segments))
+
+
+def test_long_speech_without_pauses_is_cut_to_the_window():
+    t = np.arange(70 * SAMPLE_RATE) / SAMPLE_RATE
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    segments = pause_segments(tone, max_s=30.0)
+    assert len(segments) == 3 and segments[0][0] == 0 and segments[-1][1] == len(tone)
+    assert all(e - s <= 30 * SAMPLE_RATE for s, e in segments)
+    assert all(e1 == s2 for (_, e1), (s2, _) in itertools.pairwise(segments))  # contiguous
+
+
+def test_silence_and_empty_audio_have_no_segments():
+    assert pause_segments(np.zeros(5 * SAMPLE_RATE, dtype=np.float32)) == []
+    assert pause_segments(np.zeros(0, dtype=np.float32)) == []
+
+
+@pytest.mark.engine
+def test_segments_transcript_is_the_twins_segment_transcripts_in_order(long_clip, tiny_base):
+    from experiments.engine import chat_prompt, close_llm, make_llm
+    from qwen2_audio_vllm.checkpoint import load_model, load_processor
+    from qwen2_audio_vllm.hf import greedy_transcribe
+
+    audio, _ = long_clip
+    model, processor = load_model(tiny_base), load_processor(tiny_base)
+    pieces = [audio[s:e] for s, e in pause_segments(audio)]
+    tokens, _ = greedy_transcribe(model, processor, pieces, chat_prompt(processor.tokenizer), max_new_tokens=12)
+    texts = [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+    expected = " ".join(t for t in texts if t)
+    llm = make_llm(tiny_base)
+    try:
+        (got,) = transcribe_long(llm, [audio], "segments", max_tokens=12)
+        (silent,) = transcribe_long(llm, [np.zeros(SAMPLE_RATE, dtype=np.float32)], "segments")
+    finally:
+        close_llm(llm)
+    assert len(pieces) == 24 and expected and got == expected
+    assert silent == ""
