@@ -133,9 +133,9 @@ def default_base() -> tuple[Path, dict]:
 
     with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base=None):
         cfg = compose("config")
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    manifests = prepare.ensure_data(data, Path("outputs/artifacts"))
-    return prepare.ensure_base(OmegaConf.to_container(cfg.model, resolve=True), manifests, Path("outputs/artifacts")), manifests
+    artifacts = Path(cfg.artifacts_dir)
+    manifests = prepare.ensure_data(OmegaConf.to_container(cfg.data, resolve=True), artifacts)
+    return prepare.ensure_base(OmegaConf.to_container(cfg.model, resolve=True), manifests, artifacts), manifests
 
 
 def with_windows(ckpt: Path, max_windows: int, out_root: Path) -> Path:
