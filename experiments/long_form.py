@@ -13,7 +13,9 @@
 
 `--demo` builds 75 s clips from held-out synthetic test utterances separated by pauses,
 transcribes them through vLLM with the default tiny base (built by `experiments.run`'s prepare
-stage if missing) and reports WER for both strategies, written to outputs/long_form/.
+stage if missing) and reports WER for both strategies, written to outputs/long_form/. The
+same measurement for any aligned variant is the optional `long_form` stage of
+`experiments.run` (stages=[...,long_form,report]).
 """
 
 from __future__ import annotations
@@ -151,30 +153,30 @@ def with_windows(ckpt: Path, max_windows: int, out_root: Path) -> Path:
     return out
 
 
-def demo(seconds: float, n_clips: int, out_dir: Path) -> dict:
+def long_form_eval(ckpt: Path, rows: list[dict], seconds: float, n_clips: int, out_dir: Path) -> dict:
+    """WER of checkpoint `ckpt` on `n_clips` clips of `seconds` built from known utterances
+    (`rows`): `segments`, `whole`, and each utterance from its own file (the ceiling for
+    `segments`), one engine for all three. Clips and results are written to `out_dir`."""
     import soundfile as sf
 
-    from experiments.data import read_manifest
     from experiments.engine import close_llm, make_llm
     from experiments.metrics import wer_cer
     from experiments.report import write_json_atomic
 
-    base, manifests = default_base()
-    clips = demo_clips(read_manifest(manifests["test"]), seconds, n_clips)
+    clips = demo_clips(rows, seconds, n_clips)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, (audio, _) in enumerate(clips):
         sf.write(out_dir / f"clip{i}-{int(seconds)}s.wav", audio, SAMPLE_RATE, subtype="FLOAT")
     refs = [" ".join(r["text"] for r in used) for _, used in clips]
-    result = {"checkpoint": str(base), "seconds": seconds, "clips": n_clips,
+    result = {"checkpoint": str(ckpt), "seconds": seconds, "clips": n_clips,
               "utterances": [len(t) for _, t in clips],
               "segments_found": [len(pause_segments(a)) for a, _ in clips], "references": refs}
-    ckpt = with_windows(base, int(np.ceil(seconds / 30)), out_dir)
-    llm = make_llm(ckpt, max_model_len=4096)
+    windowed = with_windows(ckpt, int(np.ceil(seconds / 30)), out_dir)
+    llm = make_llm(windowed, max_model_len=4096)
     try:
         for strategy, max_tokens in (("segments", 32), ("whole", 16 * max(result["utterances"]))):
             hyps = transcribe_long(llm, [a for a, _ in clips], strategy, max_tokens)
             result[strategy] = {"hypotheses": hyps, **wer_cer(refs, hyps)}
-        # the same utterances from their own files: what segmentation could at best give
         own = transcribe_long(llm, [load_audio(r["audio_filepath"]) for _, used in clips for r in used], "whole", 32)
         hyps, i = [], 0
         for n in result["utterances"]:
@@ -183,7 +185,7 @@ def demo(seconds: float, n_clips: int, out_dir: Path) -> dict:
         result["own_files"] = {"hypotheses": hyps, **wer_cer(refs, hyps)}
     finally:
         close_llm(llm)
-    write_json_atomic(out_dir / "demo.json", result)
+    write_json_atomic(out_dir / "long_form.json", result)
     return result
 
 
@@ -198,12 +200,15 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=3, help="--demo clips (disjoint utterances)")
     args = parser.parse_args()
     if args.demo:
-        r = demo(args.seconds, args.clips, Path("outputs/long_form"))
+        from experiments.data import read_manifest
+
+        base, manifests = default_base()
+        r = long_form_eval(base, read_manifest(manifests["test"]), args.seconds, args.clips, Path("outputs/long_form"))
         print(f"{r['clips']} clips of {r['seconds']:.0f} s: utterances {r['utterances']}, segments found {r['segments_found']}")
         for s in ("own_files", "segments", "whole"):
             print(f"{s:>9}: WER {r[s]['wer']:.1%} [{r[s]['wer_ci_low']:.1%}, {r[s]['wer_ci_high']:.1%}]  "
                   f"CER {r[s]['cer']:.1%}  | {r[s]['hypotheses'][0][:80]}")
-        print(f"{'ref':>9}: {r['references'][0][:80]}\n-> outputs/long_form/demo.json")
+        print(f"{'ref':>9}: {r['references'][0][:80]}\n-> outputs/long_form/long_form.json")
         return
     if not args.files:
         parser.error("give audio files, or --demo")

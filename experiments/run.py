@@ -8,8 +8,8 @@ Stages, each a plain function of the composed config and the outputs of earlier 
 prepare (data + base checkpoint) -> align (train the projector, encoder and LLM frozen) ->
 export (validate the vLLM checkpoint) -> evaluate (WER/CER through vLLM) -> bench (offline
 throughput, variant vs linear baseline) -> [serve_bench: `vllm serve` + async load
-simulation, optional] -> report (results.json, results table, Pareto
-plot, W&B). Stage outputs live under `artifacts_dir`, keyed by a hash of the config they
+simulation, optional] -> [long_form: WER on long clips of known utterances, `segments` vs
+`whole`, optional] -> report (results.json, results table, Pareto plot, W&B). Stage outputs live under `artifacts_dir`, keyed by a hash of the config they
 depend on, so an existing one is reused unless `force` names it.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-STAGES = ("prepare", "align", "export", "evaluate", "bench", "serve_bench", "report")
+STAGES = ("prepare", "align", "export", "evaluate", "bench", "serve_bench", "long_form", "report")
 
 
 def key_of(*parts: Any) -> str:
@@ -185,6 +185,23 @@ def serve_bench(cfg: DictConfig, state: dict) -> dict:
     return {s["name"]: summary}
 
 
+def long_form(cfg: DictConfig, state: dict) -> dict:
+    """Optional (stages=[...,long_form,...]): WER on `long_form.clips` clips of
+    `long_form.seconds` joined from test utterances, cut at pauses (`segments`) vs windows
+    inside the model (`whole`), beside the utterances' own files (experiments/long_form.py)."""
+    from experiments.data import read_manifest
+    from experiments.long_form import long_form_eval
+
+    ckpt = Path(state["checkpoint"])
+    lf = OmegaConf.to_container(cfg.long_form, resolve=True)
+    key = key_of(str(ckpt), (ckpt / "model.safetensors").stat().st_mtime, state["manifests"]["test"], lf)
+    out = Path(cfg.artifacts_dir) / "long_form" / key
+    done = out / "long_form.json"
+    if done.exists() and not forced(cfg, "long_form"):
+        return json.loads(done.read_text()) | {"reused": True}
+    return long_form_eval(ckpt, read_manifest(state["manifests"]["test"]), lf["seconds"], lf["clips"], out)
+
+
 def report(cfg: DictConfig, state: dict) -> dict:
     from experiments.report import (
         append_results_row,
@@ -229,6 +246,7 @@ def run_name(cfg: DictConfig) -> str:
 def results_row(cfg: DictConfig, state: dict) -> dict:
     r = state["stage_results"]
     ev, be, ex, al = r.get("evaluate", {}), r.get("bench", {}), r.get("export", {}), r.get("align", {})
+    lf = r.get("long_form", {})
     variant, ratio = be.get("variant", {}), be.get("ratio_vs_linear", {})
     return {
         "name": run_name(cfg),
@@ -243,6 +261,8 @@ def results_row(cfg: DictConfig, state: dict) -> dict:
         "audio_tokens_per_request": variant.get("avg_audio_tokens_per_request"),
         "throughput_ratio_vs_linear": ratio.get("request_throughput"),
         "latency_p50_ratio_vs_linear": ratio.get("latency_p50_s"),
+        "long_form_wer_segments": lf.get("segments", {}).get("wer"),
+        "long_form_wer_whole": lf.get("whole", {}).get("wer"),
         "projector_params": ex.get("projector_params"),
         "best_dev_loss": al.get("best_dev_loss"),
         "align_seconds_per_step": al.get("seconds_per_step"),
@@ -253,7 +273,7 @@ def results_row(cfg: DictConfig, state: dict) -> dict:
 
 STAGE_FUNCS = {
     "prepare": prepare, "align": align, "export": export, "evaluate": evaluate,
-    "bench": bench, "serve_bench": serve_bench, "report": report,
+    "bench": bench, "serve_bench": serve_bench, "long_form": long_form, "report": report,
 }
 
 
@@ -265,7 +285,7 @@ def run(cfg: DictConfig) -> dict:
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; expected a subset of {list(STAGES)}")
     needed = set(cfg.stages)
-    if needed & {"export", "evaluate", "bench", "serve_bench"}:
+    if needed & {"export", "evaluate", "bench", "serve_bench", "long_form"}:
         needed |= {"prepare", "align"}  # resolved from their cached outputs when not asked for
     elif "align" in needed:
         needed.add("prepare")
@@ -299,6 +319,9 @@ def print_summary(state: dict) -> None:
         table.add_row("requests/s (variant)", f"{be['variant']['request_throughput']:.2f}")
         table.add_row("requests/s (linear baseline)", f"{be['baseline']['request_throughput']:.2f}")
         table.add_row("throughput ratio vs linear", f"{be['ratio_vs_linear'].get('request_throughput', float('nan')):.3f}")
+    if lf := r.get("long_form"):
+        for strategy in ("own_files", "segments", "whole"):
+            table.add_row(f"long-form WER, {strategy}", f"{lf[strategy]['wer']:.3f}")
     for stage, seconds in state["timings"].items():
         table.add_row(f"time {stage}", f"{seconds:.1f} s")
     Console().print(table)

@@ -507,6 +507,22 @@ class Qwen2AudioMultiModalProcessor(BaseMultiModalProcessor[Qwen2AudioProcessing
         )
         return out
 
+    # fork: each item needs its placeholder in the prompt; upstream fails later with an
+    # AssertionError that does not name the missing token
+    def _maybe_apply_prompt_updates(self, mm_items, mm_res):
+        processor = self.info.get_hf_processor()
+        tokens = {"audio": (processor.audio_token, processor.audio_token_id)}
+        tokens |= {n: (m.token, m.token_id) for n, m in self.info.get_modalities().items()}
+        for modality, count in mm_items.get_all_counts().items():
+            token, token_id = tokens[modality]
+            found = mm_res.prompt_ids.count(token_id)
+            if found < count:
+                raise ValueError(
+                    f"the request has {count} {modality} item(s) but its prompt has {found} "
+                    f"{token} placeholder(s); put one {token} in the prompt per item"
+                )
+        return super()._maybe_apply_prompt_updates(mm_items, mm_res)
+
     def _get_mm_fields_config(
         self,
         hf_inputs: BatchFeature,

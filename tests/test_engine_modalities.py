@@ -5,6 +5,7 @@ through a copy of the audio projector must give exactly the audio request's outp
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,7 +106,7 @@ def test_encoder_frames_as_a_modality_reproduce_the_audio_request(engine, speech
         assert f.outputs[0].cumulative_logprob == pytest.approx(a.outputs[0].cumulative_logprob, abs=1e-3)
 
 
-def test_wrong_width_is_rejected_and_the_engine_survives(engine):
+def test_bad_requests_are_rejected_and_the_engine_survives(engine):
     from vllm import SamplingParams
 
     _, _, llm = engine
@@ -114,5 +115,9 @@ def test_wrong_width_is_rejected_and_the_engine_survives(engine):
     bad = dict(inputs(0), m2=[torch.randn(3, 500)])
     with pytest.raises(ValueError, match=r"m2 item 0 has shape \(3, 500\); expected \(n, 512\)"):
         llm.generate([{"prompt": text_only, "multi_modal_data": bad}], greedy)
+    with pytest.raises(ValueError, match=r"2 m1 item\(s\) but its prompt has 1 <\|M1\|> placeholder"):
+        llm.generate([{"prompt": text_only.replace(" and <|M1|> again", ""), "multi_modal_data": inputs(0)}], greedy)
+    with pytest.raises(ValueError, match=r"1 audio item\(s\) but its prompt has 0 <\|AUDIO\|>"):
+        llm.generate([{"prompt": text_only, "multi_modal_data": {"audio": (np.zeros(16000, np.float32), 16000)}}], greedy)
     ok = llm.generate([{"prompt": text_only, "multi_modal_data": inputs(0)}], greedy)
     assert len(ok[0].outputs[0].token_ids) > 0

@@ -78,3 +78,13 @@ def test_pipeline_end_to_end(tmp_path):
 
     again = run(composed(overrides + ["stages=[align,evaluate,bench]"]))
     assert all(again["stage_results"][s].get("reused") for s in ("align", "evaluate", "bench"))
+
+    # the optional long_form stage on the same aligned checkpoint: one 20 s clip of test
+    # utterances, segments vs whole vs the utterances' own files
+    lf = run(composed(overrides + ["stages=[long_form]", "long_form.seconds=20", "long_form.clips=1"]))
+    lf = lf["stage_results"]["long_form"]
+    assert lf["checkpoint"] == r["export"]["checkpoint"] and lf["utterances"][0] >= 5
+    assert lf["segments_found"] == lf["utterances"]  # the pauses between utterances were found
+    for strategy in ("segments", "whole", "own_files"):
+        assert lf[strategy]["n_utts"] == 1 and lf[strategy]["n_failed"] == 0 and lf[strategy]["wer"] >= 0
+    assert len(lf["references"][0].split()) >= 10
