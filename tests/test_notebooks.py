@@ -70,6 +70,10 @@ def test_shapes_notebook(kernel_env, tiny_base):
     assert "image/png" in mimes
     for needle in ("tokens / 30 s", "(1, 80, 3000)", "inputs_embeds", "audio rows equal the projector output: True"):
         assert needle in text
+    # extra modalities: 9 rows of m1 through a 2x-stacking MLP -> 5; m2 rows through a linear -> 4 and 6
+    assert "m1 inputs [(9, 768)] -> projected [(5, 128)]" in text
+    assert "m2 inputs [(4, 512), (6, 512)] -> projected [(4, 128), (6, 128)]" in text
+    assert "m1 rows equal the m1 projector output: True" in text
 
     # The same code path, computed here: mel mask -> conv (stride 2) -> avg-pool -> linear stack 1.
     fe = load_processor(tiny_base).feature_extractor
