@@ -40,19 +40,26 @@ def pause_segments(
     threshold_db: float = -40.0,
     lead_s: float = 0.0,
     tail_s: float = 0.3,
+    min_segment_s: float = 0.1,
 ) -> list[tuple[int, int]]:
     """(start, end) sample ranges of the speech in `audio`, in order, cut at pauses.
 
     A frame is speech when its energy is within `threshold_db` of the clip's loudest frame;
     speech runs closer than `min_pause_s` are one segment; each segment starts `lead_s`
     before its speech and ends `tail_s` after it (never past the middle of the pause to its
-    neighbour), and a segment longer than `max_s` is cut into equal parts. Silence gives no
-    segments. The defaults cut segments the way utterance corpora (and espeak-ng) cut
+    neighbour), and a segment longer than `max_s` is cut into equal parts. Bursts shorter
+    than `min_segment_s` (clicks; too short for the encoder) are dropped, and silence gives
+    no segments. The defaults cut segments the way utterance corpora (and espeak-ng) cut
     files: speech from the start, a pause at the end. They were picked on dev-split clips
     (`--demo` reports test clips) because the tiny base, trained only on such files, is
     sensitive to where a cut starts: on 3 dev clips of 75 s its WER was 24.8 % with
     lead_s=0, 31.5 % with 0.02 s and 36 % with 0.05 s (tail_s=0.3).
     """
+    audio = np.asarray(audio)
+    if audio.ndim != 1:
+        raise ValueError(f"expected mono samples (n,), got shape {audio.shape}; load files with experiments.audio.load_audio")
+    if not np.isfinite(audio).all():
+        raise ValueError("audio contains NaN or infinite samples; send finite PCM samples")
     hop = max(int(FRAME_S * sr), 1)
     n_frames = len(audio) // hop + (len(audio) % hop > 0)
     padded = np.zeros(n_frames * hop, dtype=np.float64)
@@ -76,7 +83,7 @@ def pause_segments(
         parts = int(np.ceil((end - start) / (max_s * sr)))
         edges = np.linspace(start, end, parts + 1).astype(int)
         segments += list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
-    return segments
+    return [(a, b) for a, b in segments if b - a >= min_segment_s * sr]
 
 
 def transcribe_long(llm, audios: list[np.ndarray], strategy: str = "segments", max_tokens: int = 32, max_s: float = 30.0) -> list[str]:
@@ -140,17 +147,36 @@ def default_base() -> tuple[Path, dict]:
     return prepare.ensure_base(OmegaConf.to_container(cfg.model, resolve=True), manifests, artifacts), manifests
 
 
-def with_windows(ckpt: Path, max_windows: int, out_root: Path) -> Path:
-    """A sibling of `ckpt` (symlinked files) whose config.json takes `max_windows` windows."""
-    out = out_root / f"{ckpt.name}-windows{max_windows}"
+def with_windows(ckpt: Path, longest_samples: int, out_root: Path) -> Path:
+    """A sibling of `ckpt` (symlinked files, links renewed each call) whose config.json
+    takes enough encoder windows (its own window and overlap, windows.py) for
+    `longest_samples`; `ckpt` itself when it already does."""
+    import hashlib
+
+    from transformers import Qwen2AudioConfig, WhisperFeatureExtractor
+
+    from qwen2_audio_vllm import windows
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    w = windows.windowing(Qwen2AudioConfig.from_dict(cfg), WhisperFeatureExtractor.from_pretrained(ckpt))
+    needed = 1 + max(0, -(-(longest_samples - w.window) // w.hop))
+    if needed <= w.max_windows:
+        return ckpt
+    out = out_root / f"{ckpt.name}-{hashlib.sha256(str(ckpt.resolve()).encode()).hexdigest()[:8]}-windows{needed}"
     out.mkdir(parents=True, exist_ok=True)
     for f in ckpt.iterdir():
-        if f.name != "config.json" and not (out / f.name).exists():
+        if f.name != "config.json":
+            (out / f.name).unlink(missing_ok=True)
             (out / f.name).symlink_to(f.resolve())
-    cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["long_audio"] = dict(cfg.get("long_audio") or {}, max_windows=max_windows)
+    cfg["long_audio"] = dict(cfg.get("long_audio") or {}, max_windows=needed)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def engine_len(ckpt: Path, wanted: int = 8192) -> int:
+    """`wanted` context tokens, or fewer when the LLM has fewer positions."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    return min(wanted, int(cfg["text_config"].get("max_position_embeddings", wanted)))
 
 
 def long_form_eval(ckpt: Path, rows: list[dict], seconds: float, n_clips: int, out_dir: Path) -> dict:
@@ -171,8 +197,8 @@ def long_form_eval(ckpt: Path, rows: list[dict], seconds: float, n_clips: int, o
     result = {"checkpoint": str(ckpt), "seconds": seconds, "clips": n_clips,
               "utterances": [len(t) for _, t in clips],
               "segments_found": [len(pause_segments(a)) for a, _ in clips], "references": refs}
-    windowed = with_windows(ckpt, int(np.ceil(seconds / 30)), out_dir)
-    llm = make_llm(windowed, max_model_len=4096)
+    windowed = with_windows(ckpt, max(len(a) for a, _ in clips), out_dir)
+    llm = make_llm(windowed, max_model_len=engine_len(windowed))
     try:
         for strategy, max_tokens in (("segments", 32), ("whole", 16 * max(result["utterances"]))):
             hyps = transcribe_long(llm, [a for a, _ in clips], strategy, max_tokens)
@@ -217,8 +243,8 @@ def main() -> None:
     model = args.model or default_base()[0]
     audios = [load_audio(f) for f in args.files]
     if args.strategy == "whole":
-        model = with_windows(model, int(np.ceil(max(len(a) for a in audios) / SAMPLE_RATE / 30)), Path("outputs/long_form"))
-    llm = make_llm(model, max_model_len=8192)
+        model = with_windows(model, max(len(a) for a in audios), Path("outputs/long_form"))
+    llm = make_llm(model, max_model_len=engine_len(model))
     try:
         max_tokens = args.max_tokens or (32 if args.strategy == "segments" else 256)
         for f, text in zip(args.files, transcribe_long(llm, audios, args.strategy, max_tokens), strict=True):

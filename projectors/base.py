@@ -85,4 +85,8 @@ def project_sequences(projector: Projector, seqs: list[torch.Tensor]) -> list[to
     x = nn.utils.rnn.pad_sequence([s.to(dtype) for s in seqs], batch_first=True)
     mask = torch.arange(x.shape[1], device=device)[None, :] < lengths[:, None]
     out = projector(x, mask)
-    return [o[: int(n)] for o, n in zip(out, projector.output_lengths(lengths), strict=True)]
+    tokens = projector.output_lengths(lengths)
+    # one compact tensor and views into it, not views into the padded batch (which would
+    # keep the padding alive in vLLM's encoder cache)
+    real = torch.arange(out.shape[1], device=device)[None, :] < tokens[:, None]
+    return list(torch.split(out[real], tokens.tolist()))

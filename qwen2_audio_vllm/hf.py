@@ -113,10 +113,12 @@ class Qwen2AudioSwap(nn.Module):
         audio embeddings, and each extra modality's placeholder rows by its (projected)
         embeddings. Each placeholder count must equal the rows given for it."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
-        slots = [("<|AUDIO|>", self.audio_token_id, audio_embeds)]
         specs = modality_specs(self.config)
-        for name, rows in (modality_embeds or {}).items():
-            slots.append((specs[name].token, specs[name].token_id, rows))
+        given = dict(modality_embeds or {})
+        if unknown := sorted(set(given) - set(specs)):
+            raise ValueError(f"unknown modalities {unknown}; this checkpoint declares {sorted(specs)}")
+        slots = [("<|AUDIO|>", self.audio_token_id, audio_embeds)]
+        slots += [(m.token, m.token_id, given.get(name, [])) for name, m in specs.items()]
         for token, token_id, rows in slots:
             is_slot = input_ids == token_id
             values = torch.cat(rows).to(embeds.dtype) if rows else embeds[:0, 0]
@@ -139,8 +141,9 @@ class Qwen2AudioSwap(nn.Module):
         attention_mask: torch.Tensor,
         audio_embeds: list[torch.Tensor],
         labels: torch.Tensor | None = None,
+        modality_embeds: dict[str, list[torch.Tensor]] | None = None,
     ):
-        embeds = self.embed(input_ids, audio_embeds)
+        embeds = self.embed(input_ids, audio_embeds, modality_embeds)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
 
     @torch.no_grad()

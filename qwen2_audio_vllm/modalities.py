@@ -4,9 +4,9 @@ projector, merged into the prompt at its own placeholder token.
 config.json declares them beside the audio "projector" block:
 
     "modalities": {
-      "m1": {"in_dim": 768, "token": "<|M1|>", "token_id": 1006, "max_len": 1500,
+      "m1": {"in_dim": 768, "token": "<|M1|>", "token_id": 1006, "max_len": 512,
              "projector": {"name": "mlp", "stack": 1}},
-      "m2": {"in_dim": 512, "token": "<|M2|>", "token_id": 1007, "max_len": 1500,
+      "m2": {"in_dim": 512, "token": "<|M2|>", "token_id": 1007, "max_len": 512,
              "projector": {"name": "linear", "stack": 1}}
     }
 
@@ -34,7 +34,10 @@ from projectors import build_projector
 # vLLM's own modality names: a request's multi_modal_data keys must map to one parser.
 RESERVED = frozenset({"audio", "image", "video", "vision_chunk"})
 NAME = re.compile(r"[a-z][a-z0-9_]{0,31}$")
-DEFAULT_MAX_LEN = 1500  # as many rows as 60 s of pooled audio frames
+# Rows per item. Kept so that a modality's tokens per item stay below one audio window's
+# (750 for the linear connector): vLLM profiles memory with the modality that has the most
+# tokens per item, and that should stay the audio encoder, the expensive one.
+DEFAULT_MAX_LEN = 512
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ def modality_specs(config: Any) -> dict[str, Modality]:
     out = {}
     for name, spec in block.items():
         where = f"config.json modalities.{name}"
-        if not NAME.match(name) or name in RESERVED:
+        if not isinstance(name, str) or not NAME.fullmatch(name) or name in RESERVED:
             raise ValueError(
                 f"{where}: modality names are lowercase identifiers other than {sorted(RESERVED)}"
             )
@@ -81,7 +84,14 @@ def modality_specs(config: Any) -> dict[str, Modality]:
                 f"{where}: in_dim={in_dim} but its projector block declares in_dim={declared}; "
                 "they must agree (the projector's input is this modality's embedding width)"
             )
-        out[name] = Modality(name, in_dim, spec["token"], int(spec["token_id"]), max_len, dict(spec["projector"]))
+        token_id = int(spec["token_id"])
+        vocab = config.text_config.vocab_size if hasattr(config, "text_config") else None
+        if token_id == getattr(config, "audio_token_id", None) or (vocab is not None and not 0 <= token_id < vocab):
+            raise ValueError(
+                f"{where}: token_id={token_id} must be a new token inside the LLM vocabulary "
+                f"(0..{vocab}) and not <|AUDIO|>'s; add_modalities() assigns one"
+            )
+        out[name] = Modality(name, in_dim, spec["token"], token_id, max_len, dict(spec["projector"]))
     ids = [m.token_id for m in out.values()]
     if len(set(ids)) != len(ids):
         raise ValueError(f"config.json modalities share a placeholder token id: {ids}")
@@ -91,9 +101,13 @@ def modality_specs(config: Any) -> dict[str, Modality]:
 def build_modality_projectors(config: Any) -> nn.ModuleDict:
     """One projector per declared modality: in_dim -> the LLM width."""
     width = config.text_config.hidden_size
-    return nn.ModuleDict(
-        {name: build_projector(m.projector, m.in_dim, width) for name, m in modality_specs(config).items()}
-    )
+    projectors = {}
+    for name, m in modality_specs(config).items():
+        try:
+            projectors[name] = build_projector(m.projector, m.in_dim, width)
+        except ValueError as err:
+            raise ValueError(f"config.json modalities.{name}.projector: {err}") from err
+    return nn.ModuleDict(projectors)
 
 
 def check_embeddings(modality: Modality, data: Any) -> list[torch.Tensor]:
@@ -131,12 +145,17 @@ def add_modalities(
     """A copy of checkpoint `src_dir` with extra modalities, e.g.
     `{"m2": {"in_dim": 512, "projector": {"name": "linear"}}}` (optional: "token",
     default `<|M2|>`; "max_len"). Each gets a new special placeholder token and a freshly
-    initialised (seeded) projector. When a token id lands past the LLM vocabulary, the
+    initialised (seeded) projector. `src_dir` is a checkpoint this repo reads (one
+    model.safetensors with a "projector" block; for a released 7B directory use
+    adopt_checkpoint first, and expect a float32 copy). When a token id lands past the LLM vocabulary, the
     embedding and output rows grow by copies of `<|AUDIO|>`'s rows: a placeholder's
     embedding is always replaced, and like `<|AUDIO|>` it was never a training target, so a
     trained model does not emit it."""
     from qwen2_audio_vllm.checkpoint import load_model, load_processor, save_checkpoint
 
+    for name, spec in specs.items():  # before loading anything
+        if missing := {"in_dim", "projector"} - set(spec):
+            raise ValueError(f"modality {name!r} needs {sorted(missing)}, e.g. {{'in_dim': 768, 'projector': {{'name': 'linear'}}}}")
     processor = load_processor(src_dir)
     tokenizer = processor.tokenizer
     model = load_model(src_dir)
@@ -177,7 +196,6 @@ def _grow_vocab(model: nn.Module, size: int) -> None:
     with torch.no_grad():
         for weight in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight):
             weight[old:] = weight[audio]
-    model.config.text_config.vocab_size = size
 
 
 def main() -> None:

@@ -516,7 +516,7 @@ class Qwen2AudioMultiModalProcessor(BaseMultiModalProcessor[Qwen2AudioProcessing
         for modality, count in mm_items.get_all_counts().items():
             token, token_id = tokens[modality]
             found = mm_res.prompt_ids.count(token_id)
-            if found < count:
+            if found != count:
                 raise ValueError(
                     f"the request has {count} {modality} item(s) but its prompt has {found} "
                     f"{token} placeholder(s); put one {token} in the prompt per item"
@@ -815,11 +815,16 @@ class Qwen2AudioSwapForConditionalGeneration(  # fork: renamed
         # fork: projector tensors (audio and extra modalities) must fit the declared
         # projectors; checked while streaming so the error names both shapes instead of a
         # loader assertion
+        # (declared shapes from the config, so a projector vLLM skipped because its
+        # modality's limit is 0 is still checked against the checkpoint)
         blocks = projector_blocks(self.config)
+        with torch.device("meta"):
+            declared = {"multi_modal_projector": _build_projector(self.config)}
+            declared["modality_projectors"] = build_modality_projectors(self.config)
         expected = {
-            k: v.shape
-            for k, v in self.state_dict().items()
-            if k.startswith(tuple(prefix for _, prefix in blocks))
+            f"{module}.{k}": v.shape
+            for module, projector in declared.items()
+            for k, v in projector.state_dict().items()
         }
         found: dict[str, torch.Size] = {}
 

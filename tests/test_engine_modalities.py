@@ -119,5 +119,29 @@ def test_bad_requests_are_rejected_and_the_engine_survives(engine):
         llm.generate([{"prompt": text_only.replace(" and <|M1|> again", ""), "multi_modal_data": inputs(0)}], greedy)
     with pytest.raises(ValueError, match=r"1 audio item\(s\) but its prompt has 0 <\|AUDIO\|>"):
         llm.generate([{"prompt": text_only, "multi_modal_data": {"audio": (np.zeros(16000, np.float32), 16000)}}], greedy)
+    with pytest.raises(ValueError, match=r"1 m2 item\(s\) but its prompt has 2 <\|M2\|> placeholder"):
+        llm.generate([{"prompt": text_only.replace("then <|M2|>", "then <|M2|><|M2|>"), "multi_modal_data": inputs(0)}], greedy)
     ok = llm.generate([{"prompt": text_only, "multi_modal_data": inputs(0)}], greedy)
     assert len(ok[0].outputs[0].token_ids) > 0
+
+
+def test_extra_modalities_switched_off_still_load(engine, speech_clips):
+    """With their limits at 0, vLLM skips the extra projectors; the checkpoint still loads
+    (its projector weights are checked against config.json) and audio is served."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    model, processor, llm = engine
+    ckpt = llm.llm_engine.model_config.model
+    limits = {"audio": 1, **dict.fromkeys(SPECS, 0)}
+    off = make_llm(ckpt, max_num_seqs=4, limit_mm_per_prompt=limits)
+    try:
+        prompt = chat_prompt(processor.tokenizer)
+        greedy = SamplingParams(max_tokens=8, temperature=0)
+        (served,) = off.generate([audio_request(prompt, speech_clips[0][1])], greedy)
+        (reference,) = llm.generate([audio_request(prompt, speech_clips[0][1])], greedy)
+        with pytest.raises(VLLMValidationError, match="At most 0 m1"):
+            off.generate([{"prompt": PROMPT, "multi_modal_data": {"audio": (speech_clips[0][1], 16000), **inputs(0)}}], greedy)
+    finally:
+        close_llm(off)
+    assert served.outputs[0].token_ids == reference.outputs[0].token_ids

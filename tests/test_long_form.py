@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.audio import SAMPLE_RATE
-from experiments.long_form import pause_segments, transcribe_long
+from experiments.long_form import engine_len, pause_segments, transcribe_long, with_windows
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,29 @@ def test_silence_and_empty_audio_have_no_segments():
     assert pause_segments(np.zeros(0, dtype=np.float32)) == []
 
 
+def test_clicks_are_dropped_and_bad_samples_rejected(speech_clips):
+    speech = speech_clips[0][1]
+    audio = np.concatenate([speech, np.zeros(SAMPLE_RATE, np.float32), [0.5] * 40, np.zeros(800, np.float32)]).astype(np.float32)
+    segments = pause_segments(audio)
+    assert len(segments) == 1 and segments[0][1] <= len(speech) + 0.5 * SAMPLE_RATE  # the 2.5 ms click is gone
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        pause_segments(np.array([0.1, np.nan] * 800, dtype=np.float32))
+    with pytest.raises(ValueError, match="expected mono"):
+        pause_segments(np.zeros((2, 16000), dtype=np.float32))
+
+
+def test_whole_strategy_checkpoint_takes_enough_windows(tiny_base, tmp_path):
+    import json
+
+    assert with_windows(tiny_base, 30 * SAMPLE_RATE, tmp_path) == tiny_base  # one window is enough
+    two = with_windows(tiny_base, 31 * SAMPLE_RATE, tmp_path)
+    three = with_windows(tiny_base, 75 * SAMPLE_RATE, tmp_path)
+    assert json.loads((two / "config.json").read_text())["long_audio"]["max_windows"] == 2
+    assert json.loads((three / "config.json").read_text())["long_audio"]["max_windows"] == 3
+    assert (three / "model.safetensors").resolve() == (tiny_base / "model.safetensors").resolve()
+    assert engine_len(three) == 4096  # the tiny LLM's positions, not the 8192 asked for
+
+
 @pytest.mark.engine
 def test_segments_transcript_is_the_twins_segment_transcripts_in_order(long_clip, tiny_base):
     from experiments.engine import chat_prompt, close_llm, make_llm
@@ -73,3 +96,31 @@ def test_segments_transcript_is_the_twins_segment_transcripts_in_order(long_clip
         close_llm(llm)
     assert len(pieces) == 24 and expected and got == expected
     assert silent == ""
+
+
+@pytest.mark.engine
+def test_cli_transcribes_a_long_file_whole(long_clip, tiny_base, tmp_path):
+    """`python -m experiments.long_form FILE --strategy whole` on a 75 s file: an engine with
+    three windows starts and one line per file comes back."""
+    import os
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    path = tmp_path / "long.wav"
+    sf.write(path, long_clip[0], SAMPLE_RATE, subtype="FLOAT")
+    run = subprocess.run(
+        [sys.executable, "-m", "experiments.long_form", str(path), "--model", str(tiny_base), "--strategy", "whole", "--max-tokens", "8"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=os.environ | {"PYTHONPATH": os.getcwd()},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith(str(path))]
+    assert len(lines) == 1 and len(lines[0].split("\t")) == 2
+    assert json_windows(tmp_path / "outputs" / "long_form") == [3]
+
+
+def json_windows(root):
+    import json
+
+    return [json.loads((d / "config.json").read_text())["long_audio"]["max_windows"] for d in sorted(root.iterdir())]

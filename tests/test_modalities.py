@@ -134,3 +134,43 @@ def test_mismatched_modality_checkpoints_are_rejected(two_modality_ckpt, tmp_pat
 
     with pytest.raises(ValueError, match="already has"):
         add_modalities(two_modality_ckpt, tmp_path / "again", {"m1": SPECS["m1"]})
+
+
+def test_adding_a_modality_keeps_the_others(two_modality_ckpt, tmp_path):
+    three = add_modalities(two_modality_ckpt, tmp_path / "three", {"m3": {"in_dim": 64, "projector": {"name": "linear"}}}, seed=5)
+    before, after = load_model(two_modality_ckpt), load_model(three)
+    assert sorted(modality_specs(after.config)) == ["m1", "m2", "m3"]
+    assert modality_specs(after.config)["m3"].max_len == 512  # the default
+    for name in ("m1", "m2"):
+        for (k, v), (k2, v2) in zip(before.modality_projectors[name].state_dict().items(),
+                                    after.modality_projectors[name].state_dict().items(), strict=True):
+            assert k == k2 and torch.equal(v, v2)
+    with pytest.raises(ValueError, match=r"needs \['projector'\]"):
+        add_modalities(two_modality_ckpt, tmp_path / "bad", {"m4": {"in_dim": 8}})
+
+
+def test_twin_rejects_unknown_or_missing_modality_rows(two_modality_ckpt):
+    model = load_model(two_modality_ckpt)
+    t1 = modality_specs(model.config)["m1"].token_id
+    with pytest.raises(ValueError, match=r"unknown modalities \['m9'\]"):
+        model.embed(torch.tensor([[5, 6]]), [], {"m9": [torch.zeros(1, 128)]})
+    with pytest.raises(ValueError, match=r"2 <\|M1\|> placeholders but 0 embeddings"):
+        model.embed(torch.tensor([[5, t1, t1]]), [])
+
+
+def test_token_ids_must_be_new_and_inside_the_vocabulary():
+    class Text:
+        vocab_size = 100
+
+    def config(token_id, name="m1"):
+        class Config:
+            text_config, audio_token_id = Text(), 7
+            modalities = {name: {"in_dim": 8, "token": "<|M1|>", "token_id": token_id, "projector": {"name": "linear"}}}
+        return Config()
+
+    assert modality_specs(config(99))["m1"].token_id == 99
+    for bad in (7, 100, -1):
+        with pytest.raises(ValueError, match="must be a new token inside the LLM vocabulary"):
+            modality_specs(config(bad))
+    with pytest.raises(ValueError, match="lowercase identifiers"):
+        modality_specs(config(99, name="m1\n"))
