@@ -151,26 +151,18 @@ def with_windows(ckpt: Path, longest_samples: int, out_root: Path) -> Path:
     """A sibling of `ckpt` (symlinked files, links renewed each call) whose config.json
     takes enough encoder windows (its own window and overlap, windows.py) for
     `longest_samples`; `ckpt` itself when it already does."""
-    import hashlib
-
     from transformers import Qwen2AudioConfig, WhisperFeatureExtractor
 
     from qwen2_audio_vllm import windows
+    from qwen2_audio_vllm.checkpoint import linked_checkpoint
 
     cfg = json.loads((ckpt / "config.json").read_text())
     w = windows.windowing(Qwen2AudioConfig.from_dict(cfg), WhisperFeatureExtractor.from_pretrained(ckpt))
     needed = 1 + max(0, -(-(longest_samples - w.window) // w.hop))
     if needed <= w.max_windows:
         return ckpt
-    out = out_root / f"{ckpt.name}-{hashlib.sha256(str(ckpt.resolve()).encode()).hexdigest()[:8]}-windows{needed}"
-    out.mkdir(parents=True, exist_ok=True)
-    for f in ckpt.iterdir():
-        if f.name != "config.json":
-            (out / f.name).unlink(missing_ok=True)
-            (out / f.name).symlink_to(f.resolve())
     cfg["long_audio"] = dict(cfg.get("long_audio") or {}, max_windows=needed)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    return out
+    return linked_checkpoint(ckpt, out_root, cfg, suffix=f"-windows{needed}")
 
 
 def engine_len(ckpt: Path, wanted: int = 8192) -> int:

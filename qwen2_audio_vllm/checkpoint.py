@@ -268,11 +268,7 @@ def validate_checkpoint(ckpt_dir: str | Path) -> Qwen2AudioConfig:
     if not (ckpt_dir / "config.json").is_file():
         raise ValueError(f"{ckpt_dir} is not a checkpoint directory (no config.json)")
     config = load_config(ckpt_dir)
-    with torch.device("meta"):
-        projector = build_projector(config.projector, config.audio_config.d_model, config.text_config.hidden_size)
-        extra = build_modality_projectors(config)
-    expected = {f"multi_modal_projector.{k}": v.shape for k, v in projector.state_dict().items()}
-    expected.update({f"modality_projectors.{k}": v.shape for k, v in extra.state_dict().items()})
+    expected = declared_projector_shapes(config)
     found = {}
     for shard in sorted(ckpt_dir.glob("*.safetensors")):
         with safe_open(str(shard), "pt") as f:
@@ -296,6 +292,17 @@ def validate_checkpoint(ckpt_dir: str | Path) -> Qwen2AudioConfig:
     return config
 
 
+def declared_projector_shapes(config: Qwen2AudioConfig) -> dict[str, torch.Size]:
+    """Weight name -> shape for every projector config.json declares (the audio projector
+    and each extra modality's), built on the meta device: what a checkpoint must hold."""
+    with torch.device("meta"):
+        modules = {
+            "multi_modal_projector": build_projector(config.projector, config.audio_config.d_model, config.text_config.hidden_size),
+            "modality_projectors": build_modality_projectors(config),
+        }
+    return {f"{name}.{k}": v.shape for name, module in modules.items() for k, v in module.state_dict().items()}
+
+
 def projector_blocks(config: Qwen2AudioConfig) -> list[tuple[Mapping[str, Any], str]]:
     """(config.json block, weight-name prefix) for the audio projector and each extra modality's."""
     blocks = [(config.projector, "multi_modal_projector.")]
@@ -316,12 +323,20 @@ def adopt_checkpoint(src: Path, out_root: Path) -> Path:
     config = json.loads((src / "config.json").read_text())
     if isinstance(config.get("projector"), Mapping):
         return src
-    out = out_root / f"{src.name}-{hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:8]}"
-    out.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.name != "config.json" and not (out / f.name).exists():
-            (out / f.name).symlink_to(f.resolve())
     config["architectures"] = [ARCHITECTURE]
     config["projector"] = {"name": "linear", "stack": 1}
+    return linked_checkpoint(src, out_root, config)
+
+
+def linked_checkpoint(src: Path, out_root: Path, config: Mapping[str, Any], suffix: str = "") -> Path:
+    """`out_root/<src name>-<hash of src's path><suffix>`: symlinks to every file of `src`
+    (renewed on each call) beside a different config.json. No weights are copied."""
+    src = Path(src)
+    out = out_root / f"{src.name}-{hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:8]}{suffix}"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (out / f.name).unlink(missing_ok=True)
+            (out / f.name).symlink_to(f.resolve())
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out

@@ -31,7 +31,7 @@ architecture `Qwen2AudioSwapForConditionalGeneration` through the plugin (plugin
 
 import json  # fork: projector cache key
 from collections.abc import Iterable, Mapping, Sequence
-from functools import lru_cache, partial  # fork
+from functools import cached_property, lru_cache, partial  # fork
 from typing import Annotated, Any, Literal, TypeAlias
 
 import numpy as np  # fork
@@ -87,7 +87,11 @@ from vllm.model_executor.models.utils import (
 from projectors import Projector, build_projector
 from projectors.base import project_sequences
 from qwen2_audio_vllm import windows
-from qwen2_audio_vllm.checkpoint import check_projector_weights, projector_blocks
+from qwen2_audio_vllm.checkpoint import (
+    check_projector_weights,
+    declared_projector_shapes,
+    projector_blocks,
+)
 from qwen2_audio_vllm.modalities import (
     Modality,
     build_modality_projectors,
@@ -297,8 +301,10 @@ class Qwen2AudioProcessingInfo(BaseProcessingInfo):
         assert isinstance(feature_extractor, WhisperFeatureExtractor)
         return feature_extractor
 
-    # fork: extra modalities, their placeholder ids checked against the tokenizer
-    def get_modalities(self) -> dict[str, Modality]:
+    # fork: extra modalities, their placeholder ids checked against the tokenizer; read
+    # once per processor (the per-request methods below use it)
+    @cached_property
+    def modalities(self) -> dict[str, Modality]:
         specs = modality_specs(self.get_hf_config())
         tokenizer = self.get_tokenizer()
         for m in specs.values():
@@ -315,7 +321,7 @@ class Qwen2AudioProcessingInfo(BaseProcessingInfo):
         feature_extractor = self.get_feature_extractor()
 
         return Qwen2AudioMultiModalDataParser(
-            modalities=self.get_modalities(),  # fork
+            modalities=self.modalities,  # fork
             target_sr=feature_extractor.sampling_rate,
             target_channels=self.get_target_channels(),
             expected_hidden_size=self._get_expected_hidden_size(),
@@ -330,8 +336,7 @@ class Qwen2AudioProcessingInfo(BaseProcessingInfo):
         return 1
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        extra = modality_specs(self.get_hf_config())  # fork
-        return {"audio": None, **dict.fromkeys(extra)}
+        return {"audio": None, **dict.fromkeys(self.modalities)}  # fork
 
     def get_mm_max_tokens_per_item(
         self,
@@ -343,7 +348,7 @@ class Qwen2AudioProcessingInfo(BaseProcessingInfo):
         config = self.get_hf_config()
         extra = {
             name: int(_projector_for(config, name).output_lengths(torch.tensor([m.max_len])))
-            for name, m in modality_specs(config).items()
+            for name, m in self.modalities.items()
             if mm_counts.get(name, 0) > 0
         }
         if mm_counts.get("audio", 0) <= 0:
@@ -375,9 +380,8 @@ class Qwen2AudioDummyInputsBuilder(BaseDummyInputsBuilder[Qwen2AudioProcessingIn
         audio_eos_token = hf_processor.audio_eos_token
 
         # fork: one placeholder per extra-modality item
-        extra = modality_specs(self.info.get_hf_config())
         return (audio_bos_token + audio_token + audio_eos_token) * num_audios + "".join(
-            m.token * mm_counts.get(name, 0) for name, m in extra.items()
+            m.token * mm_counts.get(name, 0) for name, m in self.info.modalities.items()
         )
 
     def get_dummy_mm_data(
@@ -392,7 +396,6 @@ class Qwen2AudioDummyInputsBuilder(BaseDummyInputsBuilder[Qwen2AudioProcessingIn
         audio_len = feature_extractor.chunk_length * sampling_rate
 
         # fork: the longest input each extra modality accepts
-        extra = modality_specs(self.info.get_hf_config())
         return {
             "audio": self._get_dummy_audios(
                 length=audio_len,
@@ -401,7 +404,7 @@ class Qwen2AudioDummyInputsBuilder(BaseDummyInputsBuilder[Qwen2AudioProcessingIn
             ),
             **{
                 name: [torch.randn(m.max_len, m.in_dim)] * mm_counts.get(name, 0)
-                for name, m in extra.items()
+                for name, m in self.info.modalities.items()
                 if mm_counts.get(name, 0) > 0
             },
         }
@@ -512,7 +515,7 @@ class Qwen2AudioMultiModalProcessor(BaseMultiModalProcessor[Qwen2AudioProcessing
     def _maybe_apply_prompt_updates(self, mm_items, mm_res):
         processor = self.info.get_hf_processor()
         tokens = {"audio": (processor.audio_token, processor.audio_token_id)}
-        tokens |= {n: (m.token, m.token_id) for n, m in self.info.get_modalities().items()}
+        tokens |= {n: (m.token, m.token_id) for n, m in self.info.modalities.items()}
         for modality, count in mm_items.get_all_counts().items():
             token, token_id = tokens[modality]
             found = mm_res.prompt_ids.count(token_id)
@@ -528,10 +531,12 @@ class Qwen2AudioMultiModalProcessor(BaseMultiModalProcessor[Qwen2AudioProcessing
         hf_inputs: BatchFeature,
         hf_processor_mm_kwargs: Mapping[str, object],
     ) -> Mapping[str, MultiModalFieldConfig]:
-        extra = modality_specs(self.info.get_hf_config())  # fork
         return {
             **_qwen2audio_field_config(hf_inputs),
-            **{m.key: MultiModalFieldConfig.batched(name) for name, m in extra.items()},
+            **{  # fork
+                m.key: MultiModalFieldConfig.batched(name)
+                for name, m in self.info.modalities.items()
+            },
         }
 
     def _get_prompt_updates(
@@ -591,7 +596,6 @@ class Qwen2AudioMultiModalProcessor(BaseMultiModalProcessor[Qwen2AudioProcessing
             projector = _projector_for(self.info.get_hf_config(), m.name)
             return [m.token_id] * int(projector.output_lengths(torch.tensor([rows.shape[0]])))
 
-        extra = modality_specs(self.info.get_hf_config())
         return [
             PromptReplacement(
                 modality="audio",
@@ -604,7 +608,7 @@ class Qwen2AudioMultiModalProcessor(BaseMultiModalProcessor[Qwen2AudioProcessing
                 target=[m.token_id],
                 replacement=partial(get_replacement_modality, m),
             )
-            for name, m in extra.items()
+            for name, m in self.info.modalities.items()
         ]
 
 
@@ -818,14 +822,7 @@ class Qwen2AudioSwapForConditionalGeneration(  # fork: renamed
         # (declared shapes from the config, so a projector vLLM skipped because its
         # modality's limit is 0 is still checked against the checkpoint)
         blocks = projector_blocks(self.config)
-        with torch.device("meta"):
-            declared = {"multi_modal_projector": _build_projector(self.config)}
-            declared["modality_projectors"] = build_modality_projectors(self.config)
-        expected = {
-            f"{module}.{k}": v.shape
-            for module, projector in declared.items()
-            for k, v in projector.state_dict().items()
-        }
+        expected = declared_projector_shapes(self.config)
         found: dict[str, torch.Size] = {}
 
         def checked(weights):
