@@ -32,6 +32,38 @@ def request_audio(rows: list[dict], lengths_s: list[float], n: int) -> list[np.n
     return out
 
 
+def add_request_args(parser, max_tokens: int) -> None:
+    """Command-line options of the side-by-side benchmark scripts: a checkpoint and the
+    request set (`request_set`), with the number of interleaved rounds."""
+    parser.add_argument("checkpoint", nargs="?", type=Path, help="default: the tiny random base")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--lengths", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+
+
+def request_set(args) -> tuple[Path, list[np.ndarray]]:
+    """(checkpoint, request audio) for options from `add_request_args`: the tiny random base
+    unless one is given, and synthetic test speech cut to `--lengths`."""
+    from experiments.data import read_manifest
+    from experiments.prepare import ensure_random_tiny, ensure_synthetic
+
+    ckpt = args.checkpoint or ensure_random_tiny()
+    return ckpt, request_audio(read_manifest(ensure_synthetic()["test"]), args.lengths, args.requests)
+
+
+def interleaved_seconds(variants: dict, rounds: int) -> dict[str, float]:
+    """Total seconds per variant, {name: run(round)}: every variant runs once per round in
+    turn, so drift of a noisy machine hits all of them alike."""
+    seconds = dict.fromkeys(variants, 0.0)
+    for k in range(rounds):
+        for name, run in variants.items():
+            t0 = time.perf_counter()
+            run(k)
+            seconds[name] += time.perf_counter() - t0
+    return seconds
+
+
 class PeakMemory:
     """Peak resident memory (GiB) of this process and its children (the engine), sampled."""
 

@@ -14,7 +14,7 @@ Prints seconds per step and the speed-up of the cache over each.
 from __future__ import annotations
 
 import argparse
-import time
+from functools import partial
 
 import torch
 
@@ -27,6 +27,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from experiments.audio import load_audio
+    from experiments.bench import interleaved_seconds
     from experiments.cache import load_or_build, mel_features, pad_frames, pad_mels
     from experiments.data import read_manifest
     from experiments.prepare import ensure_random_tiny, ensure_synthetic
@@ -68,14 +69,9 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    seconds = {name: 0.0 for name in sources}
     for name in sources:
         step(name, 0)  # warm-up
-    for k in range(args.steps):  # interleaved, so drift hits every variant alike
-        for name in sources:
-            t0 = time.perf_counter()
-            step(name, k)
-            seconds[name] += time.perf_counter() - t0
+    seconds = interleaved_seconds({name: partial(step, name) for name in sources}, args.steps)
     per_step = {n: s / args.steps for n, s in seconds.items()}
     for n, s in per_step.items():
         print(f"{n:14s} {s * 1000:8.1f} ms/step")

@@ -8,30 +8,22 @@ clips, alternating rounds in one run.
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
+
+from experiments.bench import add_request_args, interleaved_seconds, request_set
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", nargs="?", type=Path, help="default: the tiny random base")
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--lengths", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    add_request_args(parser, max_tokens=16)
     args = parser.parse_args()
 
     from vllm import SamplingParams
 
-    from experiments.bench import request_audio
     from experiments.cache import encoder_frames
-    from experiments.data import read_manifest
     from experiments.engine import audio_request, chat_prompt, close_llm, make_llm
-    from experiments.prepare import ensure_random_tiny, ensure_synthetic
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
-    ckpt = args.checkpoint or ensure_random_tiny()
-    audios = request_audio(read_manifest(ensure_synthetic()["test"]), args.lengths, args.requests)
+    ckpt, audios = request_set(args)
     model, processor = load_model(ckpt), load_processor(ckpt)
     cached = encoder_frames(model, processor.feature_extractor, audios)  # what the cache holds
     llm = make_llm(ckpt, max_num_seqs=args.requests, enable_mm_embeds=True)
@@ -43,12 +35,10 @@ def main() -> None:
     }
     try:
         llm.generate(requests["audio"][:4], params, use_tqdm=False)  # warm-up
-        seconds = {k: 0.0 for k in requests}
-        for _ in range(args.rounds):
-            for name, reqs in requests.items():
-                t0 = time.perf_counter()
-                llm.generate(reqs, params, use_tqdm=False)
-                seconds[name] += time.perf_counter() - t0
+        seconds = interleaved_seconds(
+            {name: lambda _round, reqs=reqs: llm.generate(reqs, params, use_tqdm=False) for name, reqs in requests.items()},
+            args.rounds,
+        )
     finally:
         close_llm(llm)
     rps = {k: args.requests * args.rounds / s for k, s in seconds.items()}

@@ -12,25 +12,16 @@ import argparse
 import json
 from pathlib import Path
 
-from experiments.bench import bench_engine, request_audio
+from experiments.bench import add_request_args, bench_engine, request_set
 from qwen2_audio_vllm.checkpoint import UPSTREAM_ARCHITECTURE
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", nargs="?", type=Path, help="default: the tiny random base")
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=24)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--lengths", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    add_request_args(parser, max_tokens=24)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-
-    from experiments.data import read_manifest
-    from experiments.prepare import ensure_random_tiny, ensure_synthetic
-
-    ckpt = args.checkpoint or ensure_random_tiny()
-    audios = request_audio(read_manifest(ensure_synthetic()["test"]), args.lengths, args.requests)
+    ckpt, audios = request_set(args)
     engines = {"upstream": {"hf_overrides": {"architectures": [UPSTREAM_ARCHITECTURE]}}, "fork": {}}
     runs: dict[str, list[float]] = {name: [] for name in engines}
     for r in range(args.rounds):
