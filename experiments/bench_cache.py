@@ -54,7 +54,7 @@ def main() -> None:
             return model.encode_audio(*pad_mels([mel_features(fe, a) for a in audios]), trim=True)
 
     sources = {
-        "cached": lambda idx: pad_frames([frames[i] for i in idx]),
+        "cached": lambda idx: pad_frames([frames[i].float() for i in idx]),  # stored float16
         "recompute": lambda idx: encode(idx, full_window=False),
         "recompute_30s": lambda idx: encode(idx, full_window=True),
     }

@@ -3,9 +3,13 @@
 
     frames, lengths = load_or_build(model, processor, rows, cache_dir)  # list of (T_i, d_audio)
 
-The index records a hash of the audio-tower weights, of the feature-extractor settings, of
-the manifest rows, and the sha256 of every shard. A cache whose key differs or whose shard
-fails its checksum is rebuilt, never silently used.
+Built on the model's device (GPU in bf16 for 7B) in batches of clips of similar length,
+each batch encoded over its own trimmed length (not the 30 s window), and stored in half
+precision (`store_dtype`, float16 by default: half the bytes, relative rounding 5e-4);
+`cache_info` reports its size. The index records a hash of the audio-tower weights (so a
+tower in another precision gets its own cache), of the feature-extractor settings, of the
+manifest rows, the storage dtype, and the sha256 of every shard. A cache whose key differs
+or whose shard fails its checksum is rebuilt, never silently used.
 """
 
 from __future__ import annotations
@@ -50,10 +54,13 @@ def pad_mels(mels: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.
 
 @torch.no_grad()
 def encoder_frames(model: Qwen2AudioSwap, fe, audios: list[np.ndarray]) -> list[torch.Tensor]:
-    """Pooled encoder frames of each clip, (T_i, d_audio): what the cache stores and what a
-    request may carry as `audio_frames`."""
-    frames, lengths = model.encode_audio(*pad_mels([mel_features(fe, a) for a in audios]), trim=True)
-    return [f[:n].contiguous().clone() for f, n in zip(frames, lengths.tolist(), strict=True)]
+    """Pooled encoder frames of each clip, (T_i, d_audio) on the CPU in the tower's dtype:
+    what the cache stores and what a request may carry as `audio_frames`. Runs on the
+    model's device."""
+    device = model.audio_tower.conv1.weight.device
+    feats, mask = pad_mels([mel_features(fe, a) for a in audios])
+    frames, lengths = model.encode_audio(feats.to(device), mask.to(device), trim=True)
+    return [f[:n].to("cpu", copy=True) for f, n in zip(frames, lengths.tolist(), strict=True)]
 
 
 def tower_hash(model: Qwen2AudioSwap) -> str:
@@ -64,7 +71,7 @@ def tower_hash(model: Qwen2AudioSwap) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(model: Qwen2AudioSwap, processor, rows: list[dict]) -> dict[str, str]:
+def cache_key(model: Qwen2AudioSwap, processor, rows: list[dict], store_dtype: torch.dtype = torch.float16) -> dict[str, str]:
     fe = processor.feature_extractor
     fe_json = json.dumps(fe.to_dict(), sort_keys=True, default=str)
     manifest = json.dumps([(r["audio_filepath"], r["text"]) for r in rows])
@@ -72,6 +79,7 @@ def cache_key(model: Qwen2AudioSwap, processor, rows: list[dict]) -> dict[str, s
         "audio_tower": tower_hash(model),
         "feature_extractor": hashlib.sha256(fe_json.encode()).hexdigest()[:16],
         "manifest": hashlib.sha256(manifest.encode()).hexdigest()[:16],
+        "store_dtype": str(store_dtype),
     }
 
 
@@ -92,40 +100,61 @@ def is_valid(cache_dir: Path, key: dict[str, str]) -> bool:
 
 
 @torch.no_grad()
-def build(model: Qwen2AudioSwap, processor, rows: list[dict], cache_dir: Path, key: dict[str, str], batch_size: int = 16) -> None:
-    tmp = cache_dir.with_name(cache_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def build(
+    model: Qwen2AudioSwap, processor, rows: list[dict], cache_dir: Path, key: dict[str, str],
+    batch_size: int = 16, store_dtype: torch.dtype = torch.float16,
+) -> None:
+    """Encode every row (batches of similar duration, so trimming pays) and write the shards
+    into a temp dir renamed into place: a killed build leaves no cache that looks valid."""
+    from qwen2_audio_vllm.checkpoint import fresh_tmp_dir
+
+    tmp = fresh_tmp_dir(cache_dir)
     fe = processor.feature_extractor
     model.eval()
-    shards, current, n_shard = [], {}, 0
+    order = sorted(range(len(rows)), key=lambda i: rows[i].get("duration", 0.0))
+    frames: dict[int, torch.Tensor] = {}
     for start in tqdm(range(0, len(rows), batch_size), desc="encoder cache", unit="batch"):
-        chunk = rows[start : start + batch_size]
-        for i, f in enumerate(encoder_frames(model, fe, [load_audio(r["audio_filepath"]) for r in chunk])):
-            current[f"frames_{start + i}"] = f
-        if len(current) >= SHARD or start + batch_size >= len(rows):
-            name = f"shard_{n_shard:05d}.safetensors"
-            save_file(current, tmp / name)
-            shards.append({"file": name, "sha256": _sha256(tmp / name), "n": len(current)})
-            current, n_shard = {}, n_shard + 1
-    write_json_atomic(tmp / "index.json", {"key": key, "n": len(rows), "shards": shards})
+        chunk = order[start : start + batch_size]
+        audios = [load_audio(rows[i]["audio_filepath"]) for i in chunk]
+        for i, f in zip(chunk, encoder_frames(model, fe, audios), strict=True):
+            frames[i] = f.to(store_dtype)
+    shards = []
+    for n_shard, first in enumerate(range(0, len(rows), SHARD)):
+        name = f"shard_{n_shard:05d}.safetensors"
+        save_file({f"frames_{i}": frames[i] for i in range(first, min(len(rows), first + SHARD))}, tmp / name)
+        shards.append({"file": name, "sha256": _sha256(tmp / name), "n": min(SHARD, len(rows) - first)})
+    nbytes = sum((tmp / s["file"]).stat().st_size for s in shards)
+    write_json_atomic(tmp / "index.json", {"key": key, "n": len(rows), "bytes": nbytes, "dtype": str(store_dtype), "shards": shards})
     shutil.rmtree(cache_dir, ignore_errors=True)
-    tmp.rename(cache_dir)
+    try:
+        tmp.rename(cache_dir)
+    except OSError:  # a parallel job renamed its identical cache first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_or_build(model: Qwen2AudioSwap, processor, rows: list[dict], cache_dir: Path) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Pooled encoder frames per manifest row, (T_i, d_audio), and their lengths (N,)."""
-    key = cache_key(model, processor, rows)
+def load_or_build(
+    model: Qwen2AudioSwap, processor, rows: list[dict], cache_dir: Path,
+    batch_size: int = 16, store_dtype: torch.dtype = torch.float16,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Pooled encoder frames per manifest row, (T_i, d_audio) in `store_dtype`, and their
+    lengths (N,)."""
+    key = cache_key(model, processor, rows, store_dtype)
     if not is_valid(cache_dir, key):
         if (cache_dir / "index.json").exists():
             print(f"[cache] {cache_dir} is stale or corrupt; rebuilding")
-        build(model, processor, rows, cache_dir, key)
+        build(model, processor, rows, cache_dir, key, batch_size, store_dtype)
     tensors: dict[str, torch.Tensor] = {}
     for shard in json.loads((cache_dir / "index.json").read_text())["shards"]:
         tensors.update(load_file(cache_dir / shard["file"]))
     # clone: load_file maps the shard, and a later rebuild replaces that file
     frames = [tensors[f"frames_{i}"].clone() for i in range(len(rows))]
     return frames, torch.tensor([f.shape[0] for f in frames])
+
+
+def cache_info(cache_dir: Path) -> dict:
+    """What a built cache holds: clips, bytes on disk, storage dtype, audio frames."""
+    index = json.loads((cache_dir / "index.json").read_text())
+    return {"dir": str(cache_dir), "clips": index["n"], "bytes": index["bytes"], "dtype": index["dtype"]}
 
 
 def pad_frames(frames: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

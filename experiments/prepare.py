@@ -62,15 +62,17 @@ def ensure_data(data: dict, artifacts: Path) -> dict[str, Path]:
     raise ValueError(f"unknown data.name {data['name']!r}; expected synthetic, librispeech or manifest")
 
 
-def ensure_base(model: dict, manifests: dict[str, Path], artifacts: Path) -> Path:
+def ensure_base(model: dict, manifests: dict[str, Path], artifacts: Path, trainer=None) -> Path:
     """The base checkpoint: `model.path` adopted as is (a local Qwen2-Audio directory gets a
-    projector block), or, when null, the tiny model pretrained on the train split."""
+    projector block), or, when null, the tiny model pretrained on the train split (where
+    `trainer`, a TrainerSettings, says)."""
     import json
 
+    from experiments.train import TrainerSettings
     from qwen2_audio_vllm.checkpoint import adopt_checkpoint
 
     if model.get("path"):
-        return adopt_checkpoint(Path(model["path"]), artifacts / "base")
+        return adopt_checkpoint(Path(model["path"]), artifacts / "base", model.get("path_env"))
     spec = TinySpec()
     p = model["pretrain"]
     key = _short_hash(json.dumps([spec.key(), p, str(manifests["train"]), str(manifests["dev"])], sort_keys=True))
@@ -81,7 +83,8 @@ def ensure_base(model: dict, manifests: dict[str, Path], artifacts: Path) -> Pat
     from experiments.train import TrainSettings, pretrain
 
     settings = TrainSettings(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], warmup=p["warmup"], eval_every=p["eval_every"])
-    result = pretrain(ensure_random_tiny(spec), read_manifest(manifests["train"]), read_manifest(manifests["dev"]), out, settings)
+    result = pretrain(ensure_random_tiny(spec), read_manifest(manifests["train"]), read_manifest(manifests["dev"]), out,
+                      settings, trainer or TrainerSettings())
     from experiments.report import write_json_atomic
 
     write_json_atomic(out / "pretrain.json", result)

@@ -24,7 +24,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-STAGES = ("prepare", "align", "export", "evaluate", "bench", "serve_bench", "long_form", "report")
+from qwen2_audio_vllm.checkpoint import weights_stamp
+
+STAGES = ("prepare", "align", "export", "evaluate", "bench", "serve_bench", "long_form", "train_bench", "report")
+# What every process of a data-parallel run (torchrun) does; the rest is process 0's.
+DATA_PARALLEL_STAGES = ("prepare", "align")
 
 
 def key_of(*parts: Any) -> str:
@@ -34,6 +38,12 @@ def key_of(*parts: Any) -> str:
 def forced(cfg: DictConfig, stage: str) -> bool:
     f = cfg.force
     return bool(f) if isinstance(f, bool) else stage in f
+
+
+def trainer_settings(cfg: DictConfig):
+    from experiments.train import TrainerSettings
+
+    return TrainerSettings(**OmegaConf.to_container(cfg.trainer, resolve=True))
 
 
 def projector_block(cfg: DictConfig, base_dir: Path) -> dict:
@@ -53,9 +63,12 @@ def projector_block(cfg: DictConfig, base_dir: Path) -> dict:
 def prepare(cfg: DictConfig, state: dict) -> dict:
     """Data manifests and the base checkpoint exist (built once, cached)."""
     from experiments import prepare as prep
+    from experiments.devices import main_first
 
-    manifests = prep.ensure_data(OmegaConf.to_container(cfg.data, resolve=True), Path(cfg.artifacts_dir))
-    base_dir = prep.ensure_base(OmegaConf.to_container(cfg.model, resolve=True), manifests, Path(cfg.artifacts_dir))
+    with main_first():  # under torchrun, process 0 builds; the others find it built
+        manifests = prep.ensure_data(OmegaConf.to_container(cfg.data, resolve=True), Path(cfg.artifacts_dir))
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        base_dir = prep.ensure_base(model, manifests, Path(cfg.artifacts_dir), trainer_settings(cfg))
     return {"manifests": {k: str(v) for k, v in manifests.items()}, "base_dir": str(base_dir)}
 
 
@@ -66,7 +79,9 @@ def align_output(cfg: DictConfig, state: dict) -> tuple[dict, Any, Path]:
     block = projector_block(cfg, Path(state["base_dir"]))
     settings = TrainSettings(**OmegaConf.to_container(cfg.train, resolve=True), seed=cfg.seed)
     m = state["manifests"]
-    key = key_of(state["base_dir"], block, settings.__dict__, m["train"], m["dev"])
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer.pop("encoder_batch_size")  # how the cache is computed, not what it holds
+    key = key_of(state["base_dir"], block, settings.__dict__, m["train"], m["dev"], trainer)
     return block, settings, Path(cfg.artifacts_dir) / "align" / f"{block['name']}-{key}"
 
 
@@ -87,19 +102,36 @@ def align(cfg: DictConfig, state: dict) -> dict:
             f"config ({out}); add align to stages"
         )
 
-    model, processor = load_model(base_dir), load_processor(base_dir)
-    splits = {}
+    import torch
+
+    from experiments.cache import cache_info
+    from experiments.devices import is_main, main_first
+
+    trainer = trainer_settings(cfg)
+    place = trainer.placement()
+    model = load_model(base_dir, device=place.device, dtype=place.dtype)
+    processor = load_processor(base_dir)
+    splits, caches = {}, {}
     for split in ("train", "dev"):
         rows = read_manifest(manifests[split])
-        cache_dir = cache_root() / "encoder" / f"{Path(base_dir).name}-{split}-{key_of(manifests[split])}"
-        frames, _ = load_or_build(model, processor, rows, cache_dir)
+        name = f"{Path(base_dir).name}-{split}-{key_of(manifests[split])}-{place.precision}"
+        cache_dir = cache_root() / "encoder" / name
+        with main_first():
+            frames, _ = load_or_build(model, processor, rows, cache_dir, trainer.encoder_batch_size, trainer.cache_store_dtype)
         splits[split] = (frames, [r["text"] for r in rows])
+        caches[split] = cache_info(cache_dir)
+        print(f"[align] encoder cache {split}: {caches[split]['clips']} clips, "
+              f"{caches[split]['bytes'] / 2**20:.1f} MiB ({caches[split]['dtype']})")
+    del model  # align loads its own copy (frozen parts in the trainer's precision)
+    if place.device.type == "cuda":
+        torch.cuda.empty_cache()
     init_from_base = block == load_config(base_dir).projector
-    result = train_align(base_dir, block, splits["train"], splits["dev"], out / "checkpoint", settings, init_from_base)
-    result |= {"checkpoint": str(out / "checkpoint"), "projector": block, "init_from_base": init_from_base}
+    result = train_align(base_dir, block, splits["train"], splits["dev"], out / "checkpoint", settings, init_from_base, trainer)
+    result |= {"checkpoint": str(out / "checkpoint"), "projector": block, "init_from_base": init_from_base, "encoder_cache": caches}
     from experiments.report import write_json_atomic
 
-    write_json_atomic(done, result)
+    if is_main():
+        write_json_atomic(done, result)
     return result
 
 
@@ -135,7 +167,7 @@ def evaluate(cfg: DictConfig, state: dict) -> dict:
     rows = read_manifest(state["manifests"]["test"])
     if cfg.data.eval_limit:
         rows = rows[: cfg.data.eval_limit]
-    key = key_of(str(ckpt), (ckpt / "model.safetensors").stat().st_mtime, state["manifests"]["test"], len(rows))
+    key = key_of(str(ckpt), weights_stamp(ckpt), state["manifests"]["test"], len(rows))
     out = Path(cfg.artifacts_dir) / "evaluate" / key
     done = out / "metrics.json"
     if done.exists() and not forced(cfg, "evaluate"):
@@ -158,7 +190,7 @@ def bench(cfg: DictConfig, state: dict) -> dict:
 
     ckpt, base = Path(state["checkpoint"]), Path(state["base_dir"])
     b = OmegaConf.to_container(cfg.bench, resolve=True)
-    key = key_of(str(ckpt), (ckpt / "model.safetensors").stat().st_mtime, str(base), b)
+    key = key_of(str(ckpt), weights_stamp(ckpt), str(base), b)
     out = Path(cfg.artifacts_dir) / "bench" / key
     done = out / "bench.json"
     if done.exists() and not forced(cfg, "bench"):
@@ -194,7 +226,7 @@ def long_form(cfg: DictConfig, state: dict) -> dict:
 
     ckpt = Path(state["checkpoint"])
     lf = OmegaConf.to_container(cfg.long_form, resolve=True)
-    key = key_of(str(ckpt), (ckpt / "model.safetensors").stat().st_mtime, state["manifests"]["test"], lf)
+    key = key_of(str(ckpt), weights_stamp(ckpt), state["manifests"]["test"], lf)
     out = Path(cfg.artifacts_dir) / "long_form" / key
     done = out / "long_form.json"
     if done.exists() and not forced(cfg, "long_form"):
@@ -280,25 +312,37 @@ STAGE_FUNCS = {
 def run(cfg: DictConfig) -> dict:
     """Run the configured stages in order; returns the state with per-stage results. prepare
     and align are also run when a later stage needs their outputs, but align then only
-    reads its cached result (it never trains unless asked)."""
+    reads its cached result (it never trains unless asked).
+
+    Under `torchrun --nproc_per_node N` every process runs prepare and align (data-parallel
+    training); process 0 alone runs the other stages."""
+    from experiments import devices
+
     unknown = set(cfg.stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; expected a subset of {list(STAGES)}")
     needed = set(cfg.stages)
     if needed & {"export", "evaluate", "bench", "serve_bench", "long_form"}:
         needed |= {"prepare", "align"}  # resolved from their cached outputs when not asked for
-    elif "align" in needed:
+    elif needed & {"align", "train_bench"}:
         needed.add("prepare")
+    devices.init_distributed(trainer_settings(cfg).placement().device.type)
+    if not devices.is_main():
+        needed &= set(DATA_PARALLEL_STAGES)
     state: dict = {"stage_results": {}, "timings": {}}
-    for stage in (s for s in STAGES if s in needed):
-        t0 = time.perf_counter()
-        print(f"[run] stage {stage}")
-        result = STAGE_FUNCS[stage](cfg, state)
-        state["timings"][stage] = round(time.perf_counter() - t0, 2)
-        state["stage_results"][stage] = result
-        if stage in ("prepare", "align"):
-            state.update({k: v for k, v in result.items() if k in ("manifests", "base_dir", "checkpoint")})
-    print_summary(state)
+    try:
+        for stage in (s for s in STAGES if s in needed):
+            t0 = time.perf_counter()
+            print(f"[run] stage {stage}")
+            result = STAGE_FUNCS[stage](cfg, state)
+            state["timings"][stage] = round(time.perf_counter() - t0, 2)
+            state["stage_results"][stage] = result
+            if stage in ("prepare", "align"):
+                state.update({k: v for k, v in result.items() if k in ("manifests", "base_dir", "checkpoint")})
+    finally:
+        devices.finish_distributed()
+    if devices.is_main():
+        print_summary(state)
     return state
 
 

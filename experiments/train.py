@@ -6,8 +6,14 @@
                    (experiments.cache), LM loss on the transcript: the `align` stage.
 
 Both use the same prompt as serving (`engine.chat_prompt`), AdamW with linear warmup and
-cosine decay, gradient clipping, a tqdm bar with the loss, periodic dev loss, and export
-the best (lowest dev loss) weights as a vLLM checkpoint.
+cosine decay, gradient clipping, a tqdm bar with the loss, periodic dev loss (token-weighted
+mean), and export the best (lowest dev loss) weights as a vLLM checkpoint once, at the end
+(the best weights are kept in memory until then; a killed run writes nothing).
+
+Where and how they compute is the `trainer` config (TrainerSettings, experiments.devices):
+device and precision (bf16: frozen weights in bfloat16, trainable ones float32 under
+autocast), gradient checkpointing of the frozen LLM, batches by a padded-token budget, and
+data-parallel processes under torchrun (each takes its share of every global batch).
 """
 
 from __future__ import annotations
@@ -22,22 +28,46 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from experiments import devices
+from experiments.devices import Placement
 from experiments.engine import chat_prompt
-from qwen2_audio_vllm.hf import Qwen2AudioSwap, expand_audio_placeholders
+from qwen2_audio_vllm.hf import IGNORE, Qwen2AudioSwap, expand_audio_placeholders
 
-IGNORE = -100
+LossFn = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]  # indices -> (summed loss, tokens)
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     steps: int = 1000
-    batch_size: int = 32
+    batch_size: int = 32  # rows per global batch (a cap when max_tokens_per_batch is set)
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: int = 50
     clip_norm: float = 1.0
     eval_every: int = 100
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """conf/trainer/: where and how the torch stages run."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16
+    gradient_checkpointing: bool = False  # recompute the frozen LLM's activations in backward
+    max_tokens_per_batch: int | None = None  # padded tokens (rows x longest) per process and step
+    encoder_batch_size: int = 16  # clips per encoder batch when building the cache
+    cache_dtype: str = "float16"  # how cached encoder frames are stored
+
+    def placement(self) -> Placement:
+        return devices.placement(self.device, self.precision)
+
+    @property
+    def cache_store_dtype(self) -> torch.dtype:
+        stored = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+        if self.cache_dtype not in stored:
+            raise ValueError(f"trainer.cache_dtype={self.cache_dtype!r}; expected one of {sorted(stored)}")
+        return stored[self.cache_dtype]
 
 
 def lr_at(step: int, s: TrainSettings) -> float:
@@ -58,6 +88,12 @@ class TextBatcher:
         self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = tokenizer.pad_token_id
 
+    def lengths(self, texts: list[str], n_audio_tokens: list[int]) -> list[int]:
+        """Tokens per row (prompt with expanded audio + transcript + <|im_end|>)."""
+        fixed = len(self.prompt_ids) - 1 + 1  # one placeholder becomes n tokens; + <|im_end|>
+        answers = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [fixed + int(n) + len(a) for a, n in zip(answers, n_audio_tokens, strict=True)]
+
     def __call__(self, texts: list[str], n_audio_tokens: list[int]) -> dict[str, torch.Tensor]:
         rows, labels = [], []
         for text, n in zip(texts, n_audio_tokens, strict=True):
@@ -74,83 +110,138 @@ class TextBatcher:
         }
 
 
-def batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Endless shuffled index batches (reshuffled every epoch)."""
+def batches(lengths: list[int], batch_size: int, max_tokens: int | None, seed: int) -> Iterator[list[int]]:
+    """Endless shuffled global batches of row indices, reshuffled every epoch.
+
+    max_tokens None: `batch_size` rows each. Otherwise rows of similar length (sorted within
+    pools of 50 batches) grouped so that rows x longest row stays within `max_tokens` (and
+    at most `batch_size` rows): long clips make small batches, short clips large ones, and
+    padding stays small. Under data parallelism the caller passes the global budget."""
     rng = random.Random(seed)
+    n = len(lengths)
+    if max_tokens is not None and (too_long := [x for x in lengths if x > max_tokens]):
+        raise ValueError(
+            f"{len(too_long)} training rows are longer ({max(too_long)} tokens) than "
+            f"trainer.max_tokens_per_batch={max_tokens}; raise it or drop those rows"
+        )
     order: list[int] = []
     while True:
-        if len(order) < batch_size:
-            extra = list(range(n))
-            rng.shuffle(extra)
-            order += extra
-        yield order[:batch_size]
-        order = order[batch_size:]
+        epoch = list(range(n))
+        rng.shuffle(epoch)
+        if max_tokens is None:
+            order += epoch
+            while len(order) >= batch_size:
+                yield order[:batch_size]
+                order = order[batch_size:]
+            continue
+        pool_size = 50 * batch_size
+        for start in range(0, n, pool_size):
+            pool = sorted(epoch[start : start + pool_size], key=lengths.__getitem__)
+            groups, group = [], []
+            for i in pool:  # ascending length: the newest row is the longest
+                if group and (len(group) >= batch_size or (len(group) + 1) * lengths[i] > max_tokens):
+                    groups.append(group)
+                    group = []
+                group.append(i)
+            groups.append(group)
+            rng.shuffle(groups)
+            yield from groups
 
 
 def fit(
     model: Qwen2AudioSwap,
-    params: list[torch.nn.Parameter],
-    loss_on: Callable[[list[int]], torch.Tensor],
+    trained: torch.nn.Module,
+    loss_on: LossFn,
     dev_loss: Callable[[], float],
-    n_train: int,
+    batch_iter: Iterator[list[int]],
     s: TrainSettings,
-    on_best: Callable[[int, float], None],
+    place: Placement,
     desc: str,
-) -> dict:
-    """The shared loop. `loss_on(indices)` is the training loss of one batch; `dev_loss()`
-    the mean dev loss; `on_best(step, loss)` is called when the dev loss improves."""
+) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """The shared loop: trains the parameters of `trained` (a submodule of `model`, or
+    `model`) and returns (metrics, best state of `trained` by dev loss, on the CPU).
+    `loss_on(indices)` gives (summed token loss, token count) of this process's rows."""
     torch.manual_seed(s.seed)
+    params = [p for p in trained.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    best, history, t0 = float("inf"), [], time.perf_counter()
-    bar = tqdm(zip(range(s.steps), batches(n_train, s.batch_size, s.seed), strict=False), total=s.steps, desc=desc)
+    world = devices.world_size()
+    best, best_state, history, tokens, t0 = float("inf"), None, [], 0, time.perf_counter()
+    bar = tqdm(zip(range(s.steps), batch_iter, strict=False), total=s.steps, desc=desc, disable=not devices.is_main())
     for step, idx in bar:
         model.train()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, s)
-        loss = loss_on(idx)
+        with place.autocast():
+            total, count = loss_on(devices.local_share(idx))
+        n_global = devices.all_sum(count.detach().float())
+        # DDP averages gradients over processes: scale so the result is d(sum / n_global)
+        loss = total * world / n_global
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, s.clip_norm)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        train_loss = float(devices.all_sum(total.detach().float()) / n_global)
+        tokens += int(n_global)
+        bar.set_postfix(loss=f"{train_loss:.3f}")
         if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), place.autocast():
                 dev = dev_loss()
-            history.append({"step": step + 1, "train_loss": loss.item(), "dev_loss": dev})
-            bar.write(f"[{desc}] step {step + 1}: train {loss.item():.3f}  dev {dev:.3f}")
+            history.append({"step": step + 1, "train_loss": train_loss, "dev_loss": dev})
+            if devices.is_main():
+                bar.write(f"[{desc}] step {step + 1}: train {train_loss:.3f}  dev {dev:.3f}")
             if dev < best:
                 best = dev
-                on_best(step + 1, dev)
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in trained.state_dict().items()}
     elapsed = time.perf_counter() - t0
-    return {"best_dev_loss": best, "history": history, "train_seconds": elapsed, "seconds_per_step": elapsed / s.steps}
+    result = {
+        "best_dev_loss": best, "history": history, "train_seconds": elapsed,
+        "seconds_per_step": elapsed / s.steps, "target_tokens_per_s": tokens / elapsed,
+        "processes": world, **place.describe(),
+    }
+    return result, best_state
 
 
-def save_best(model: Qwen2AudioSwap, processor, out_dir: Path) -> Callable[[int, float], None]:
+def export_best(
+    model: Qwen2AudioSwap, trained: torch.nn.Module, best_state: dict | None, processor, out_dir: Path
+) -> None:
+    """Load the best weights and write the checkpoint (process 0 only; atomic)."""
     from qwen2_audio_vllm.checkpoint import save_checkpoint
 
-    def on_best(step: int, loss: float) -> None:
+    if best_state is not None:
+        trained.load_state_dict(best_state)
+    if devices.is_main():
         save_checkpoint(model, processor, out_dir)
 
-    return on_best
 
-
-def _mean_loss(loss_on: Callable[[list[int]], torch.Tensor], n: int, batch_size: int) -> float:
-    losses = [loss_on(list(range(i, min(n, i + batch_size)))).item() for i in range(0, n, batch_size)]
-    return sum(losses) / len(losses)
+def mean_loss(loss_on: LossFn, n: int, batch_size: int) -> float:
+    """Token-weighted mean loss over rows 0..n-1, in batches."""
+    total, count = 0.0, 0
+    for i in range(0, n, batch_size):
+        t, c = loss_on(list(range(i, min(n, i + batch_size))))
+        total, count = total + float(t), count + int(c)
+    return total / max(count, 1)
 
 
 def pretrain(
-    base_dir: Path, train_rows: list[dict], dev_rows: list[dict], out_dir: Path, s: TrainSettings
+    base_dir: Path,
+    train_rows: list[dict],
+    dev_rows: list[dict],
+    out_dir: Path,
+    s: TrainSettings,
+    trainer: TrainerSettings = TrainerSettings(),
 ) -> dict:
     """Train every weight of the (random) checkpoint at `base_dir` on the transcripts and
     export the best one to `out_dir`. Encoder inputs are trimmed mel features, so a step
-    costs the clip lengths, not the 30 s window."""
+    costs the clip lengths, not the 30 s window. All weights train, so they stay float32
+    (bf16 runs them under autocast)."""
     from experiments.audio import load_audio
     from experiments.cache import mel_features, pad_mels
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
+    from qwen2_audio_vllm.hf import encoder_lengths
 
-    model, processor = load_model(base_dir), load_processor(base_dir)
+    place = trainer.placement()
+    model, processor = load_model(base_dir, device=place.device), load_processor(base_dir)
     fe = processor.feature_extractor
     mels = {
         name: [mel_features(fe, load_audio(r["audio_filepath"])) for r in tqdm(rows, desc=f"mel {name}")]
@@ -159,20 +250,23 @@ def pretrain(
     texts = {"train": [r["text"] for r in train_rows], "dev": [r["text"] for r in dev_rows]}
     batcher = TextBatcher(processor.tokenizer, model.audio_token_id)
 
-    def loss_for(split: str) -> Callable[[list[int]], torch.Tensor]:
-        def loss_on(idx: list[int]) -> torch.Tensor:
+    def loss_for(split: str) -> LossFn:
+        def loss_on(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             feats, mask = pad_mels([mels[split][i] for i in idx])
-            audio = model.audio_embeddings(feats, mask)
+            audio = model.audio_embeddings(feats.to(place.device), mask.to(place.device))
             batch = batcher([texts[split][i] for i in idx], [a.shape[0] for a in audio])
-            return model(audio_embeds=audio, **batch).loss
+            return model.token_loss(audio_embeds=audio, **{k: v.to(place.device) for k, v in batch.items()})
 
         return loss_on
 
-    result = fit(
-        model, list(model.parameters()), loss_for("train"),
-        lambda: _mean_loss(loss_for("dev"), len(dev_rows), s.batch_size),
-        len(train_rows), s, save_best(model, processor, out_dir), "pretrain",
+    pooled = encoder_lengths(torch.tensor([n for _, n in mels["train"]]))[1].tolist()
+    lengths = batcher.lengths(texts["train"], pooled)
+    result, best = fit(
+        model, model, loss_for("train"),
+        lambda: mean_loss(loss_for("dev"), len(dev_rows), s.batch_size),
+        batches(lengths, s.batch_size, _budget(trainer), s.seed), s, place, "pretrain",
     )
+    export_best(model, model, best, processor, out_dir)
     return result
 
 
@@ -184,34 +278,50 @@ def align(
     out_dir: Path,
     s: TrainSettings,
     init_from_base: bool = False,
+    trainer: TrainerSettings = TrainerSettings(),
 ) -> dict:
     """Train only `projector` on cached pooled encoder frames ([(T_i, d_audio)], texts), the
-    encoder and the LLM of `base_dir` frozen; export the best weights to `out_dir`.
-    init_from_base: start from the base checkpoint's own projector weights (same block)."""
+    encoder and the LLM of `base_dir` frozen (in the trainer's precision); export the best
+    weights to `out_dir`. init_from_base: start from the base checkpoint's own projector
+    weights (same block). Under torchrun every process runs this on its share of each
+    global batch; process 0 writes the checkpoint."""
     from experiments.cache import pad_frames
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
+    place = trainer.placement()
     torch.manual_seed(s.seed)
-    model = load_model(base_dir, projector=projector, load_projector=init_from_base)
+    model = load_model(base_dir, projector=projector, load_projector=init_from_base, device=place.device, dtype=place.dtype)
     processor = load_processor(base_dir)
     model.requires_grad_(False)
-    model.multi_modal_projector.requires_grad_(True)
-    params = list(model.multi_modal_projector.parameters())
+    proj = model.multi_modal_projector.float().requires_grad_(True)  # float32 master weights
+    if trainer.gradient_checkpointing:
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    run = devices.data_parallel(proj, place)
     batcher = TextBatcher(processor.tokenizer, model.audio_token_id)
 
-    def loss_for(frames: list[torch.Tensor], texts: list[str]) -> Callable[[list[int]], torch.Tensor]:
-        def loss_on(idx: list[int]) -> torch.Tensor:
+    def loss_for(frames: list[torch.Tensor], texts: list[str], train_mode: bool) -> LossFn:
+        def loss_on(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             x, lengths = pad_frames([frames[i] for i in idx])
-            audio = model.project(x, lengths)
+            audio = model.project(x.to(place.device, torch.float32), lengths, run=run if train_mode else None)
             batch = batcher([texts[i] for i in idx], [a.shape[0] for a in audio])
-            return model(audio_embeds=audio, **batch).loss
+            return model.token_loss(audio_embeds=audio, **{k: v.to(place.device) for k, v in batch.items()})
 
         return loss_on
 
-    result = fit(
-        model, params, loss_for(*train),
-        lambda: _mean_loss(loss_for(*dev), len(dev[1]), s.batch_size),
-        len(train[1]), s, save_best(model, processor, out_dir), f"align {projector['name']}",
+    n_tokens = proj.output_lengths(torch.tensor([f.shape[0] for f in train[0]])).tolist()
+    lengths = batcher.lengths(train[1], n_tokens)
+    result, best = fit(
+        model, proj, loss_for(*train, train_mode=True),
+        lambda: mean_loss(loss_for(*dev, train_mode=False), len(dev[1]), s.batch_size),
+        batches(lengths, s.batch_size, _budget(trainer), s.seed), s, place, f"align {projector['name']}",
     )
-    result["trainable_params"] = sum(p.numel() for p in params)
+    export_best(model, proj, best, processor, out_dir)
+    result["trainable_params"] = sum(p.numel() for p in proj.parameters())
     return result
+
+
+def _budget(trainer: TrainerSettings) -> int | None:
+    """The global batch's token budget: the per-process budget times the processes."""
+    if trainer.max_tokens_per_batch is None:
+        return None
+    return trainer.max_tokens_per_batch * devices.world_size()

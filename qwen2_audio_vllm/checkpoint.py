@@ -7,11 +7,17 @@ model.safetensors in the hub key layout) whose config.json says
 installed, `vllm serve <dir>` and `vllm.LLM(<dir>)` load it through the plugin.
 
 `build_tiny_checkpoint` writes a small random-weight model offline (own BPE tokenizer,
-Whisper feature extractor, chat template), deterministic given its spec.
+Whisper feature extractor, chat template), deterministic given its spec;
+`build_hub_tiny` writes the same kind of model in exactly the layout of
+`Qwen/Qwen2-Audio-7B-Instruct` on the hub (upstream architecture, no projector block,
+bfloat16 shards with model.safetensors.index.json, preprocessor_config.json, vocab.json +
+merges.txt), so the real model's path (adopt -> align -> export -> serve) runs on CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -38,6 +44,15 @@ from qwen2_audio_vllm.plugin import ARCHITECTURE  # noqa: E402  (one name, one p
 
 UPSTREAM_ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+# Shard size of exported checkpoints: one file up to this size, else shards + index.json
+# (a 7B export is ~16 GB in bfloat16).
+MAX_SHARD_BYTES = 5 * 2**30
+# What the hub directory of Qwen/Qwen2-Audio-7B-Instruct holds besides its weight shards.
+HUB_FILES = (
+    "config.json", "generation_config.json", WEIGHTS_INDEX, "preprocessor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 # Qwen2-Audio-Instruct's chat layout without the default system turn. Content is a string
 # (vLLM's offline prompts put "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>" in it) or a
@@ -156,22 +171,35 @@ def build_tiny_checkpoint(out_dir: str | Path, texts: Iterable[str], spec: TinyS
     return save_checkpoint(model, processor, out_dir)
 
 
-def save_checkpoint(model: Qwen2AudioSwap, processor: Qwen2AudioProcessor, out_dir: str | Path) -> Path:
+def save_checkpoint(
+    model: Qwen2AudioSwap,
+    processor: Qwen2AudioProcessor,
+    out_dir: str | Path,
+    hub_layout: bool = False,
+    shards: int | None = None,
+) -> Path:
     """Export `model` as a vLLM-loadable directory: hub key layout, projector block,
     architecture of the fork. Written into a temp dir and renamed, so a reader never sees
-    a half-written checkpoint."""
+    a half-written checkpoint (a run killed mid-export leaves only `<out_dir>.tmp-*`,
+    removed by the next export).
+
+    hub_layout: write what the released hub directory looks like instead: upstream
+    architecture, no projector block, bfloat16 weights in `shards` files (default 2) with
+    model.safetensors.index.json, preprocessor_config.json, vocab.json and merges.txt."""
     from projectors import projector_block
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    config = model.config
-    config.projector = projector_block(model.multi_modal_projector)
-    for name, projector in getattr(model, "modality_projectors", {}).items():
-        config.modalities[name] = dict(config.modalities[name], projector=projector_block(projector))
-    config.architectures = [ARCHITECTURE]
+    tmp = fresh_tmp_dir(out_dir)
+    config = copy.deepcopy(model.config)
+    if hub_layout:
+        config.architectures = [UPSTREAM_ARCHITECTURE]
+        config.__dict__.pop("projector", None)
+        config.dtype = "bfloat16"
+    else:
+        config.projector = projector_block(model.multi_modal_projector)
+        for name, projector in getattr(model, "modality_projectors", {}).items():
+            config.modalities[name] = dict(config.modalities[name], projector=projector_block(projector))
+        config.architectures = [ARCHITECTURE]
     config.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     tok = processor.tokenizer
@@ -181,11 +209,81 @@ def save_checkpoint(model: Qwen2AudioSwap, processor: Qwen2AudioProcessor, out_d
         do_sample=False,
     ).save_pretrained(tmp)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+    if hub_layout:
+        processor.feature_extractor.save_pretrained(tmp)  # preprocessor_config.json
+        (tmp / "processor_config.json").unlink(missing_ok=True)  # the hub has none
+        tok.backend_tokenizer.model.save(str(tmp))  # vocab.json + merges.txt
+        state = {k: v.to(torch.bfloat16) for k, v in state.items()}
+        write_weights(state, tmp, shards=shards or 2)
+    else:
+        write_weights(state, tmp, shards=shards)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def fresh_tmp_dir(out_dir: Path) -> Path:
+    """A new temp dir beside `out_dir`, unique per process; stale ones of killed runs go."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f"{out_dir.name}.tmp-*"):
+        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_weights(state: Mapping[str, torch.Tensor], out_dir: Path, shards: int | None = None) -> list[Path]:
+    """`model.safetensors`, or `model-0000i-of-0000n.safetensors` + model.safetensors.index.json
+    (the hub's layout) when `shards` > 1 is asked for or the weights exceed MAX_SHARD_BYTES."""
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    n = shards or max(1, -(-total // MAX_SHARD_BYTES))
+    if n == 1:
+        save_file(dict(state), out_dir / WEIGHTS, metadata={"format": "pt"})
+        return [out_dir / WEIGHTS]
+    groups: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    budget, filled, i = total / n, 0, 0
+    for key, tensor in state.items():  # contiguous key ranges, about total/n bytes each
+        if filled >= budget * (i + 1) and i < n - 1:
+            i += 1
+        groups[i][key] = tensor
+        filled += tensor.numel() * tensor.element_size()
+    names = [f"model-{j + 1:05d}-of-{n:05d}.safetensors" for j in range(n)]
+    for name, group in zip(names, groups, strict=True):
+        save_file(group, out_dir / name, metadata={"format": "pt"})
+    index = {"metadata": {"total_size": total}, "weight_map": {k: names[j] for j, g in enumerate(groups) for k in g}}
+    (out_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
+    return [out_dir / name for name in names]
+
+
+def weight_files(ckpt_dir: str | Path) -> list[Path]:
+    """The safetensors files holding a checkpoint's weights (the index's shards, if any)."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / WEIGHTS_INDEX).is_file():
+        names = sorted(set(json.loads((ckpt_dir / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+        return [ckpt_dir / n for n in names]
+    files = sorted(ckpt_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt_dir} holds no *.safetensors weights")
+    return files
+
+
+def weights_stamp(ckpt_dir: str | Path) -> list[float]:
+    """Modification times of a checkpoint's weight files: part of a stage key, so a
+    re-exported checkpoint is evaluated anew."""
+    return [f.stat().st_mtime for f in weight_files(ckpt_dir)]
 
 
 def load_config(ckpt_dir: str | Path, projector: Mapping[str, Any] | None = None) -> Qwen2AudioConfig:
@@ -228,21 +326,50 @@ def check_projector_weights(
         )
 
 
-def load_model(ckpt_dir: str | Path, projector: Mapping[str, Any] | None = None, load_projector: bool = True) -> Qwen2AudioSwap:
-    """The HF twin with the checkpoint's weights. With `projector` given, that projector is
-    built instead of the checkpoint's, freshly initialised (load_projector=False) or loaded."""
+def load_model(
+    ckpt_dir: str | Path,
+    projector: Mapping[str, Any] | None = None,
+    load_projector: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Qwen2AudioSwap:
+    """The HF twin with the checkpoint's weights, built directly on `device` in `dtype`
+    (weights are read shard by shard, never a second full copy). With `projector` given,
+    that projector is built instead of the checkpoint's, freshly initialised
+    (load_projector=False) or loaded."""
     config = load_config(ckpt_dir, projector)
-    model = Qwen2AudioSwap(config)
-    state = load_file(Path(ckpt_dir) / WEIGHTS)
-    expected = model.state_dict()
-    if load_projector:
-        for block, prefix in projector_blocks(config):
-            check_projector_weights(block, {k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in state.items()}, prefix=prefix)
-    else:
-        state = {k: v for k, v in state.items() if not k.startswith("multi_modal_projector.")}
-        state.update({k: v for k, v in expected.items() if k.startswith("multi_modal_projector.")})
-    model.load_state_dict(state, strict=True)
+    with torch.device(device), default_dtype(dtype):
+        model = Qwen2AudioSwap(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    found: dict[str, torch.Size] = {}
+    for f in weight_files(ckpt_dir):
+        state = load_file(f, device=str(device))
+        if not load_projector:
+            state = {k: v for k, v in state.items() if not k.startswith("multi_modal_projector.")}
+        found.update({k: v.shape for k, v in state.items()})
+        if load_projector:
+            for block, prefix in projector_blocks(config):
+                check_projector_weights(block, expected, found, partial=True, prefix=prefix)
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{f} holds weights this model does not have: {unexpected[:5]} (of {len(unexpected)})")
+    missing = sorted(set(expected) - set(found))
+    if not load_projector:
+        missing = [k for k in missing if not k.startswith("multi_modal_projector.")]
+    if missing:
+        raise ValueError(f"{ckpt_dir} lacks weights {missing[:5]} (of {len(missing)}); is it a complete Qwen2-Audio checkpoint?")
     return model.eval()
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build modules in `dtype` (a 7B model never exists in float32)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def load_processor(ckpt_dir: str | Path) -> Qwen2AudioProcessor:
@@ -309,18 +436,40 @@ def projector_blocks(config: Qwen2AudioConfig) -> list[tuple[Mapping[str, Any], 
     return blocks + [(m.projector, m.prefix) for m in modality_specs(config).values()]
 
 
-def adopt_checkpoint(src: Path, out_root: Path) -> Path:
+def check_qwen2_audio_dir(src: Path, env_var: str | None = None) -> dict[str, Any]:
+    """config.json of a local Qwen2-Audio directory, or a ValueError/FileNotFoundError
+    saying what was expected and what to set (`env_var`: where the path came from)."""
+    src = Path(src)
+    where = f" (from ${env_var})" if env_var else ""
+    fix = f"set {env_var} to" if env_var else "point model.path at"
+    if not src.is_dir():
+        raise FileNotFoundError(
+            f"{src}{where} does not exist; {fix} a local directory of Qwen/Qwen2-Audio-7B-Instruct "
+            "(config.json, *.safetensors, tokenizer, preprocessor_config.json). Nothing is downloaded."
+        )
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}{where} has no config.json; {fix} a local Qwen2-Audio directory")
+    config = json.loads((src / "config.json").read_text())
+    if config.get("model_type") != "qwen2_audio":
+        raise ValueError(
+            f"{src}/config.json{where} has model_type {config.get('model_type')!r}, expected 'qwen2_audio' "
+            f"(architectures {config.get('architectures')}); {fix} a Qwen2-Audio checkpoint such as "
+            "Qwen/Qwen2-Audio-7B-Instruct"
+        )
+    try:
+        weight_files(src)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}{where}; {fix} a complete Qwen2-Audio directory") from err
+    return config
+
+
+def adopt_checkpoint(src: Path, out_root: Path, env_var: str | None = None) -> Path:
     """Make a released Qwen2-Audio directory servable by the fork without copying weights:
     a sibling directory of symlinks whose config.json names the fork's architecture and the
     original connector, {"name": "linear", "stack": 1}. A directory that already has a
     projector block is used as it is."""
     src = Path(src)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{src} has no config.json; point model.path at a local Qwen2-Audio directory "
-            "(nothing is downloaded)"
-        )
-    config = json.loads((src / "config.json").read_text())
+    config = check_qwen2_audio_dir(src, env_var)
     if isinstance(config.get("projector"), Mapping):
         return src
     config["architectures"] = [ARCHITECTURE]
@@ -330,13 +479,43 @@ def adopt_checkpoint(src: Path, out_root: Path) -> Path:
 
 def linked_checkpoint(src: Path, out_root: Path, config: Mapping[str, Any], suffix: str = "") -> Path:
     """`out_root/<src name>-<hash of src's path><suffix>`: symlinks to every file of `src`
-    (renewed on each call) beside a different config.json. No weights are copied."""
+    beside a different config.json. No weights are copied. Built in a temp dir and renamed,
+    so processes adopting the same directory at once (a launcher's parallel jobs) each see
+    a complete one; an existing one whose links and config already match is kept."""
     src = Path(src)
     out = out_root / f"{src.name}-{hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:8]}{suffix}"
-    out.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.name != "config.json":
-            (out / f.name).unlink(missing_ok=True)
-            (out / f.name).symlink_to(f.resolve())
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    wanted = {f.name: f.resolve() for f in src.iterdir() if f.name != "config.json"}
+    text = json.dumps(config, indent=2)
+    if _links_match(out, wanted, text):
+        return out
+    tmp = fresh_tmp_dir(out)
+    for name, target in wanted.items():
+        (tmp / name).symlink_to(target)
+    (tmp / "config.json").write_text(text)
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process renamed its identical copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _links_match(out, wanted, text):
+            raise
     return out
+
+
+def _links_match(out: Path, wanted: Mapping[str, Path], config_text: str) -> bool:
+    if not (out / "config.json").is_file() or (out / "config.json").read_text() != config_text:
+        return False
+    have = {f.name: f.resolve() for f in out.iterdir() if f.name != "config.json"}
+    return have == dict(wanted)
+
+
+def build_hub_tiny(out_dir: str | Path, texts: Iterable[str], spec: TinySpec = TinySpec()) -> Path:
+    """A random-weight tiny Qwen2-Audio in exactly the hub layout of
+    Qwen/Qwen2-Audio-7B-Instruct (see save_checkpoint(hub_layout=True)): what
+    `QWEN2_AUDIO_7B_DIR` points at in tests, so the 7B path runs end to end on CPU.
+    Weights are those of build_tiny_checkpoint with the same spec, rounded to bfloat16."""
+    tokenizer = build_tokenizer(texts, spec.vocab_size)
+    processor = build_processor(tokenizer, spec.n_mels, spec.chunk_length)
+    torch.manual_seed(spec.seed)
+    model = Qwen2AudioSwap(make_config(spec, tokenizer))
+    return save_checkpoint(model, processor, out_dir, hub_layout=True)

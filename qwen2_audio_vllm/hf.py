@@ -23,6 +23,7 @@ from qwen2_audio_vllm.modalities import build_modality_projectors, modality_spec
 # Generation stops at either token: the checkpoint's generation_config.json lists both
 # (vLLM reads it), and the HF reference must stop where vLLM stops.
 STOP_TOKENS = ["<|im_end|>", "<|endoftext|>"]
+IGNORE = -100  # label of positions that carry no loss (prompt, audio, padding)
 
 
 def expand_audio_placeholders(
@@ -91,11 +92,14 @@ class Qwen2AudioSwap(nn.Module):
         x = tower.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)  # (B, T_conv // 2, d)
         return tower.layer_norm(x), pooled_len
 
-    def project(self, frames: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    def project(
+        self, frames: torch.Tensor, lengths: torch.Tensor, run: nn.Module | None = None
+    ) -> list[torch.Tensor]:
         """Pooled frames (B, T, d_audio) + lengths (B,) -> one (n_i, d_text) tensor per clip,
-        n_i = projector.output_lengths(lengths)[i]."""
-        mask = torch.arange(frames.shape[1], device=frames.device)[None, :] < lengths[:, None]
-        out = self.multi_modal_projector(frames, mask)
+        n_i = projector.output_lengths(lengths)[i]. `run`: a wrapper of the projector to call
+        instead (DistributedDataParallel in data-parallel training)."""
+        mask = torch.arange(frames.shape[1], device=frames.device)[None, :] < lengths[:, None].to(frames.device)
+        out = (run or self.multi_modal_projector)(frames, mask)
         n_tokens = self.multi_modal_projector.output_lengths(lengths)
         return [out[i, : int(n)] for i, n in enumerate(n_tokens)]
 
@@ -145,6 +149,26 @@ class Qwen2AudioSwap(nn.Module):
     ):
         embeds = self.embed(input_ids, audio_embeds, modality_embeds)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+
+    def token_loss(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        audio_embeds: list[torch.Tensor],
+        labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed next-token cross-entropy over the labelled positions, their count).
+        The LM head runs on those positions only: over every prompt and audio position a 7B
+        vocabulary (156k) would dominate activation memory. Sum and count (not the mean)
+        let data-parallel training weight every token of a global batch alike."""
+        embeds = self.embed(input_ids, audio_embeds)
+        hidden = self.language_model.model(
+            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (B, L, d_text)
+        target = labels[:, 1:]
+        keep = target != IGNORE
+        logits = self.language_model.lm_head(hidden[:, :-1][keep]).float()  # (N, vocab)
+        return F.cross_entropy(logits, target[keep], reduction="sum"), keep.sum()
 
     @torch.no_grad()
     def generate_greedy(
