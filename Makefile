@@ -14,7 +14,7 @@ test: bootstrap
 	$(PY) -m pytest $(ARGS)
 
 test-fast: bootstrap
-	$(PY) -m pytest -m "not engine" $(ARGS)
+	$(PY) -m pytest -m "not engine and not slow" $(ARGS)
 
 lint: bootstrap
 	$(PY) -m ruff check .

@@ -1,6 +1,7 @@
 """The `prepare` stage: the tiny default base checkpoint and the synthetic data exist.
 
-    python -m experiments.prepare          # build what is missing (idempotent)
+    python -m experiments.prepare             # build what is missing (idempotent)
+    python -m experiments.prepare --hub-tiny  # + a tiny model in the hub layout of Qwen2-Audio-7B-Instruct
 
 Both are cached under $Q2AP_CACHE (default ~/.cache/qwen2-audio-projectors), keyed by a
 hash of their spec, so a second call, another clone or CI reuses them.
@@ -12,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from experiments.data import SyntheticSpec, build_synthetic, tokenizer_corpus
-from qwen2_audio_vllm.checkpoint import TinySpec, build_tiny_checkpoint, cache_root
+from qwen2_audio_vllm.checkpoint import TinySpec, build_hub_tiny, build_tiny_checkpoint, cache_root
 
 
 def random_tiny_dir(spec: TinySpec = TinySpec()) -> Path:
@@ -27,14 +28,27 @@ def ensure_random_tiny(spec: TinySpec = TinySpec()) -> Path:
     return out
 
 
+def ensure_hub_tiny(spec: TinySpec = TinySpec()) -> Path:
+    """A random tiny Qwen2-Audio in exactly the hub layout of Qwen/Qwen2-Audio-7B-Instruct
+    (built once): point QWEN2_AUDIO_7B_DIR at it to run the 7B path on CPU."""
+    out = cache_root() / "models" / f"hub-tiny-{spec.key()}" / "Qwen2-Audio-7B-Instruct"
+    if not (out / "config.json").exists():
+        build_hub_tiny(out, tokenizer_corpus(), spec)
+    return out
+
+
 def ensure_synthetic(spec: SyntheticSpec = SyntheticSpec()) -> dict[str, Path]:
     return build_synthetic(cache_root() / "data" / f"synthetic-{spec.key()}", spec)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.parse_args()
+    parser.add_argument("--hub-tiny", action="store_true",
+                        help="also build the hub-shaped tiny directory (for QWEN2_AUDIO_7B_DIR) and print its path")
+    args = parser.parse_args()
     print(f"[prepare] tiny random checkpoint: {ensure_random_tiny()}")
+    if args.hub_tiny:
+        print(f"[prepare] hub-shaped tiny Qwen2-Audio: {ensure_hub_tiny()}")
 
 
 if __name__ == "__main__":

@@ -203,15 +203,24 @@ def fit(
 
 
 def export_best(
-    model: Qwen2AudioSwap, trained: torch.nn.Module, best_state: dict | None, processor, out_dir: Path
+    model: Qwen2AudioSwap, trained: torch.nn.Module, best_state: dict | None, processor, out_dir: Path,
+    frozen_from: Path | None = None,
 ) -> None:
-    """Load the best weights and write the checkpoint (process 0 only; atomic)."""
-    from qwen2_audio_vllm.checkpoint import save_checkpoint
+    """Load the best weights and write the checkpoint (process 0 only; atomic).
+    frozen_from: take every weight but the projector's from this checkpoint's files, so
+    frozen parts are written bit-identical however they were held in training (bf16)."""
+    from qwen2_audio_vllm.checkpoint import read_weights, save_checkpoint
 
     if best_state is not None:
         trained.load_state_dict(best_state)
-    if devices.is_main():
-        save_checkpoint(model, processor, out_dir)
+    if not devices.is_main():
+        return
+    weights = None
+    if frozen_from is not None:
+        prefix = "multi_modal_projector."
+        weights = read_weights(frozen_from, skip_prefix=prefix)
+        weights |= {prefix + k: v for k, v in model.multi_modal_projector.state_dict().items()}
+    save_checkpoint(model, processor, out_dir, weights=weights)
 
 
 def mean_loss(loss_on: LossFn, n: int, batch_size: int) -> float:
@@ -315,7 +324,7 @@ def align(
         lambda: mean_loss(loss_for(*dev, train_mode=False), len(dev[1]), s.batch_size),
         batches(lengths, s.batch_size, _budget(trainer), s.seed), s, place, f"align {projector['name']}",
     )
-    export_best(model, proj, best, processor, out_dir)
+    export_best(model, proj, best, processor, out_dir, frozen_from=base_dir)
     result["trainable_params"] = sum(p.numel() for p in proj.parameters())
     return result
 

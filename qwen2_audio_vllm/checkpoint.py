@@ -177,6 +177,7 @@ def save_checkpoint(
     out_dir: str | Path,
     hub_layout: bool = False,
     shards: int | None = None,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Export `model` as a vLLM-loadable directory: hub key layout, projector block,
     architecture of the fork. Written into a temp dir and renamed, so a reader never sees
@@ -185,7 +186,9 @@ def save_checkpoint(
 
     hub_layout: write what the released hub directory looks like instead: upstream
     architecture, no projector block, bfloat16 weights in `shards` files (default 2) with
-    model.safetensors.index.json, preprocessor_config.json, vocab.json and merges.txt."""
+    model.safetensors.index.json, preprocessor_config.json, vocab.json and merges.txt.
+    weights: the tensors to write, when not `model.state_dict()` (align writes the base's
+    own frozen tensors, not their bf16 training copies)."""
     from projectors import projector_block
 
     out_dir = Path(out_dir)
@@ -208,7 +211,7 @@ def save_checkpoint(
         pad_token_id=tok.pad_token_id,
         do_sample=False,
     ).save_pretrained(tmp)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (weights or model.state_dict()).items()}
     if hub_layout:
         processor.feature_extractor.save_pretrained(tmp)  # preprocessor_config.json
         (tmp / "processor_config.json").unlink(missing_ok=True)  # the hub has none
@@ -278,6 +281,14 @@ def weight_files(ckpt_dir: str | Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"{ckpt_dir} holds no *.safetensors weights")
     return files
+
+
+def read_weights(ckpt_dir: str | Path, skip_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (CPU, as stored), optionally without those under a prefix."""
+    out = {}
+    for f in weight_files(ckpt_dir):
+        out.update({k: v for k, v in load_file(f).items() if not (skip_prefix and k.startswith(skip_prefix))})
+    return out
 
 
 def weights_stamp(ckpt_dir: str | Path) -> list[float]:

@@ -58,6 +58,18 @@ def length_sweep(speech_clips, tmp_path_factory) -> dict[str, np.ndarray]:
     return out
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: runs whole pipelines in subprocesses (deselect with -m 'not slow')")
+
+
+@pytest.fixture(scope="session")
+def hub_tiny() -> Path:
+    """A tiny random Qwen2-Audio laid out exactly like the hub's Qwen2-Audio-7B-Instruct."""
+    from experiments.prepare import ensure_hub_tiny
+
+    return ensure_hub_tiny()
+
+
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
     """The tiny random-weight base checkpoint (built once, cached)."""
