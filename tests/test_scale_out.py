@@ -54,7 +54,7 @@ def test_data_parallel_align_matches_one_process(hub_tiny, tmp_path):
     assert "[align] encoder cache train: 48 clips" in p.stdout
     proj = [k for k in w1 if k.startswith("multi_modal_projector.")]
     assert proj and sorted(w1) == sorted(w2)
-    start = load_file(next((hub_tiny.glob("*.safetensors"))))  # the projector moved away from init
+    start = load_file(next(hub_tiny.glob("*.safetensors")))  # the projector moved away from init
     assert any(k not in start or not torch.equal(w1[k], start[k]) for k in proj)
     worst = max(float((w1[k] - w2[k]).abs().max()) for k in proj)
     assert worst <= DDP_ATOL, f"2-process projector differs from 1-process by {worst}"
