@@ -87,7 +87,12 @@ def ensure_base(model: dict, manifests: dict[str, Path], artifacts: Path, traine
 
     if model.get("path"):
         return adopt_checkpoint(Path(model["path"]), artifacts / "base", model.get("path_env"))
-    spec = TinySpec()
+    if not model.get("pretrain"):
+        raise ValueError(
+            f"model={model['name']} has neither a path nor a pretrain recipe, so it has no checkpoint: "
+            "it only serves stages=[train_bench] (random weights at its dims)"
+        )
+    spec = TinySpec(**model.get("dims", {}))
     p = model["pretrain"]
     key = _short_hash(json.dumps([spec.key(), p, str(manifests["train"]), str(manifests["dev"])], sort_keys=True))
     out = cache_root() / "models" / f"tiny-base-{key}"

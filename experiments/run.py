@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import projectors
 from omegaconf import DictConfig, OmegaConf
 
 from qwen2_audio_vllm.checkpoint import weights_stamp
@@ -48,7 +49,6 @@ def trainer_settings(cfg: DictConfig):
 
 def projector_block(cfg: DictConfig, base_dir: Path) -> dict:
     """The config.json block of the configured projector for this base model."""
-    import projectors
     from qwen2_audio_vllm.checkpoint import load_config
 
     base = load_config(base_dir)
@@ -234,6 +234,39 @@ def long_form(cfg: DictConfig, state: dict) -> dict:
     return long_form_eval(ckpt, read_manifest(state["manifests"]["test"]), lf["seconds"], lf["clips"], out)
 
 
+def train_bench(cfg: DictConfig, state: dict) -> dict:
+    """Optional (stages=[train_bench]): cost of an align step per projector at this model's
+    dims on this machine, and the on-paper estimate (experiments/train_bench.py)."""
+    import torch
+
+    from experiments import train_bench as tb
+    from experiments.report import write_json_atomic
+    from qwen2_audio_vllm.checkpoint import load_config
+
+    b = OmegaConf.to_container(cfg.train_bench, resolve=True)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    dims = tb.TinySpec(**model["dims"]) if model.get("dims") else tb.dims_of(load_config(state["base_dir"]))
+    trainer = trainer_settings(cfg)
+    blocks = b["projectors"]
+    with torch.device("meta"):
+        first = projectors.build_projector(blocks[0], dims.encoder_dim, dims.text_dim)
+    result = {"dims": dims.__dict__ | {"projector": None}, "estimate": tb.estimate(
+        dims, sum(p.numel() for p in first.parameters()), b["batch_size"], b["clip_s"], b["text_tokens"],
+        peak_tflops=b["gpu_peak_tflops"], mfu=b["assumed_mfu"])}
+    if not b["estimate_only"]:
+        place = trainer.placement()
+        if place.device.type == "cpu" and tb.llm_params(dims) > 2e9:
+            raise ValueError(
+                f"model={cfg.model.name} has {tb.llm_params(dims) / 1e9:.1f} B LLM parameters: too large to time on "
+                "the CPU; run it on a GPU, or set train_bench.estimate_only=true for the on-paper figures"
+            )
+        result["measured"] = tb.measure(dims, blocks, place, b["batch_size"], b["clip_s"], b["text_tokens"],
+                                        b["steps"], b["rounds"], trainer.gradient_checkpointing)
+    tb.print_tables(result)
+    write_json_atomic(Path(cfg.run_dir) / "train_bench.json", result)
+    return result
+
+
 def report(cfg: DictConfig, state: dict) -> dict:
     from experiments.report import (
         append_results_row,
@@ -305,7 +338,7 @@ def results_row(cfg: DictConfig, state: dict) -> dict:
 
 STAGE_FUNCS = {
     "prepare": prepare, "align": align, "export": export, "evaluate": evaluate,
-    "bench": bench, "serve_bench": serve_bench, "long_form": long_form, "report": report,
+    "bench": bench, "serve_bench": serve_bench, "long_form": long_form, "train_bench": train_bench, "report": report,
 }
 
 
@@ -324,8 +357,8 @@ def run(cfg: DictConfig) -> dict:
     needed = set(cfg.stages)
     if needed & {"export", "evaluate", "bench", "serve_bench", "long_form"}:
         needed |= {"prepare", "align"}  # resolved from their cached outputs when not asked for
-    elif needed & {"align", "train_bench"}:
-        needed.add("prepare")
+    elif "align" in needed or ("train_bench" in needed and not cfg.model.get("dims")):
+        needed.add("prepare")  # train_bench reads dims from the base checkpoint when not configured
     devices.init_distributed(trainer_settings(cfg).placement().device.type)
     if not devices.is_main():
         needed &= set(DATA_PARALLEL_STAGES)

@@ -130,8 +130,23 @@ def build_processor(tokenizer: Qwen2TokenizerFast, n_mels: int, chunk_length: in
     return Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
-def make_config(spec: TinySpec, tokenizer: Qwen2TokenizerFast) -> Qwen2AudioConfig:
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+# Special-token ids of the released Qwen2-Audio tokenizer, for configs built without one
+# (the random full-size model of train_bench)
+QWEN_SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|AUDIO|>": 151646,
+                    "<|audio_bos|>": 151647, "<|audio_eos|>": 151648}
+
+
+def make_config(spec: TinySpec, tokenizer: Qwen2TokenizerFast | None = None) -> Qwen2AudioConfig:
+    """The Qwen2AudioConfig of `spec`'s dims. Without a tokenizer the vocabulary is
+    spec.vocab_size with the released model's special-token ids (or its last ids, when
+    smaller than the released vocabulary)."""
+    if tokenizer is None:
+        vocab = spec.vocab_size
+        ids = QWEN_SPECIAL_IDS
+        if vocab <= max(ids.values()):
+            ids = {t: vocab - len(SPECIAL_TOKENS) + i for i, t in enumerate(SPECIAL_TOKENS)}
+    else:
+        ids, vocab = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}, len(tokenizer)
     cfg = Qwen2AudioConfig(
         audio_config=dict(
             model_type="qwen2_audio_encoder",
@@ -144,7 +159,7 @@ def make_config(spec: TinySpec, tokenizer: Qwen2TokenizerFast) -> Qwen2AudioConf
         ),
         text_config=dict(
             model_type="qwen2",
-            vocab_size=len(tokenizer),
+            vocab_size=vocab,
             hidden_size=spec.text_dim,
             num_hidden_layers=spec.text_layers,
             num_attention_heads=spec.text_heads,

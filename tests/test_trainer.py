@@ -131,3 +131,51 @@ def test_token_budget_align_runs_and_exports(tiny_base, data, tmp_path):
     result = align(tiny_base, BLOCK, data["train"], data["dev"], tmp_path / "budget", STEPS, trainer=t)
     assert result["target_tokens_per_s"] > 0 and len(result["history"]) == 3
     assert json.loads((tmp_path / "budget" / "config.json").read_text())["projector"]["name"] == "mlp"
+
+
+def test_train_bench_stage_measures_every_projector_and_estimates(tmp_path):
+    from experiments.run import run
+    from experiments.train_bench import encoder_params, llm_params
+    from qwen2_audio_vllm.checkpoint import TinySpec, make_config
+    from qwen2_audio_vllm.hf import Qwen2AudioSwap
+    from tests.test_pipeline import composed
+
+    cfg = composed(["stages=[train_bench]", "logger=none", "train_bench.rounds=2", "train_bench.steps=1",
+                    "train_bench.clip_s=2.0", f"run_dir={tmp_path}", "trainer.device=cpu"])
+    r = run(cfg)["stage_results"]["train_bench"]
+    m = r["measured"]
+    assert list(m["per_projector"]) == ["linear", "mlp", "attention", "linear-stack4"]
+    first = m["per_projector"]["linear"]
+    assert first["step_time_vs_linear_median"] == 1.0 and first["llm_tokens_per_step"] == 8 * (24 + 50 + 33)
+    assert m["per_projector"]["linear-stack4"]["llm_tokens_per_step"] == 8 * (24 + 13 + 33)  # 4x fewer audio tokens
+    assert all(p["step_s_min"] <= p["step_s_median"] <= p["step_s_max"] and p["trained_tokens_per_s"] > 0
+               for p in m["per_projector"].values())
+    assert m["peak_rss_bytes"] > 0 and m["device"] == "cpu"
+    assert json.loads((tmp_path / "train_bench.json").read_text())["estimate"] == r["estimate"]
+    # the estimate's parameter counts are those of the model it describes
+    d = TinySpec(**cfg.model.dims)
+    twin = Qwen2AudioSwap(make_config(d))
+    assert llm_params(d) == pytest.approx(sum(p.numel() for p in twin.language_model.parameters()), rel=0.01)
+    assert encoder_params(d) == pytest.approx(sum(p.numel() for p in twin.audio_tower.parameters()), rel=0.01)
+
+
+def test_seven_b_estimate_counts_the_real_architecture():
+    """model=qwen2-audio-7b-random's dims, built on the meta device (no memory): the
+    estimate's parameter counts match the modules, and the totals are Qwen2-Audio-7B's."""
+    from omegaconf import OmegaConf
+
+    from experiments.train_bench import encoder_params, estimate, llm_params
+    from qwen2_audio_vllm.checkpoint import TinySpec, make_config
+    from qwen2_audio_vllm.hf import Qwen2AudioSwap
+    from tests.test_pipeline import CONF
+
+    d = TinySpec(**OmegaConf.load(CONF / "model" / "qwen2-audio-7b-random.yaml").dims)
+    with torch.device("meta"):
+        twin = Qwen2AudioSwap(make_config(d))
+    llm = sum(p.numel() for p in twin.language_model.parameters())
+    enc = sum(p.numel() for p in twin.audio_tower.parameters())
+    assert llm_params(d) == pytest.approx(llm, rel=0.01) and encoder_params(d) == pytest.approx(enc, rel=0.01)
+    assert 8.2e9 < llm + enc < 8.5e9  # Qwen2-Audio-7B: 8.4 B parameters
+    e = estimate(d, 5_246_976, batch=8, clip_s=8.0, text_tokens=32)
+    assert e["activation_bytes_checkpointed"] < e["activation_bytes"] < 80 * 2**30
+    assert e["weights_bytes"] == 2 * (llm_params(d) + encoder_params(d)) + 16 * 5_246_976
