@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import projectors
 from omegaconf import DictConfig, OmegaConf
 
+import projectors
 from qwen2_audio_vllm.checkpoint import weights_stamp
 
 STAGES = ("prepare", "align", "export", "evaluate", "bench", "serve_bench", "long_form", "train_bench", "report")

@@ -133,7 +133,7 @@ def measure(d: TinySpec, projectors: list[dict], place: Placement, batch: int, c
 
     seconds: dict[str, list[float]] = {k: [] for k in cases}
     peak: dict[str, int] = dict.fromkeys(cases, 0)
-    for label, case in cases.items():  # warm-up: allocator, kernels, AdamW state
+    for case in cases.values():  # warm-up: allocator, kernels, AdamW state
         step(case)
     for _ in range(rounds):
         for label, case in cases.items():
