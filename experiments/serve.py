@@ -45,6 +45,9 @@ def serve_args(model_dir: Path, port: int, engine: dict[str, Any]) -> list[str]:
         "max_num_batched_tokens": "--max-num-batched-tokens",
         "kv_cache_dtype": "--kv-cache-dtype",
         "gpu_memory_utilization": "--gpu-memory-utilization",
+        # past one GPU: vLLM's own parallelism (model.engine / serve config)
+        "tensor_parallel_size": "--tensor-parallel-size",
+        "data_parallel_size": "--data-parallel-size",
     }
     util = engine.get("gpu_memory_utilization") or (0.85 if has_cuda() else 0.3)
     for key, flag in flags.items():

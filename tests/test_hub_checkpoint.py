@@ -147,3 +147,30 @@ def test_seven_b_config_runs_the_whole_pipeline_on_the_hub_tiny(hub_tiny, tmp_pa
 
     _, info = Qwen2AudioForConditionalGeneration.from_pretrained(r["export"]["checkpoint"], output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_interrupted_export_leaves_no_checkpoint(hub_tiny, tmp_path, monkeypatch):
+    """A run killed while writing a checkpoint (here: the second shard fails) leaves no
+    directory that looks like a checkpoint; the next export removes the debris of dead runs."""
+    import qwen2_audio_vllm.checkpoint as ckpt
+
+    model, processor = load_model(adopt_checkpoint(hub_tiny, tmp_path / "a")), load_processor(hub_tiny)
+    real, calls = ckpt.save_file, []
+
+    def dies_on_second_shard(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed mid-export")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", dies_on_second_shard)
+    out = tmp_path / "out" / "checkpoint"
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model, processor, out, shards=2)
+    assert not out.exists() and len(calls) == 2
+    dead = out.with_name("checkpoint.tmp-999999999")  # what a killed process (gone pid) left
+    dead.mkdir()
+    monkeypatch.setattr(ckpt, "save_file", real)
+    save_checkpoint(model, processor, out, shards=2)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["checkpoint"]
+    assert len(weight_files(out)) == 2

@@ -88,3 +88,14 @@ def test_pipeline_end_to_end(tmp_path):
     for strategy in ("segments", "whole", "own_files"):
         assert lf[strategy]["n_utts"] == 1 and lf[strategy]["n_failed"] == 0 and lf[strategy]["wer"] >= 0
     assert len(lf["references"][0].split()) >= 10
+
+
+@pytest.mark.parametrize(("launcher", "target"), [("joblib", "JoblibLauncher"), ("slurm_gpu", "SlurmLauncher")])
+def test_sweep_launchers_compose(launcher, target):
+    """Sweeps fan out through Hydra launchers: joblib locally (run in tests/test_scale_out.py),
+    submitit on SLURM with this repo's one-GPU-per-job config."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    if launcher == "slurm_gpu":
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.tasks_per_node == 1
