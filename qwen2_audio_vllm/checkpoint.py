@@ -306,6 +306,19 @@ def read_weights(ckpt_dir: str | Path, skip_prefix: str | None = None) -> dict[s
     return out
 
 
+def stored_shapes(ckpt_dir: str | Path, prefixes: tuple[str, ...] = ()) -> dict[str, torch.Size]:
+    """Name -> shape of every stored tensor (or those under `prefixes`), from the headers."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in weight_files(ckpt_dir):
+        with safe_open(str(f), "pt") as handle:
+            for key in handle.keys():
+                if not prefixes or key.startswith(prefixes):
+                    shapes[key] = torch.Size(handle.get_slice(key).get_shape())
+    return shapes
+
+
 def weights_stamp(ckpt_dir: str | Path) -> list[float]:
     """Modification times of a checkpoint's weight files: part of a stage key, so a
     re-exported checkpoint is evaluated anew."""
@@ -367,15 +380,14 @@ def load_model(
     with torch.device(device), default_dtype(dtype):
         model = Qwen2AudioSwap(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    found: dict[str, torch.Size] = {}
+    found = stored_shapes(ckpt_dir)  # headers only: mismatches are named before any loading
+    if load_projector:
+        for block, prefix in projector_blocks(config):
+            check_projector_weights(block, expected, found, prefix=prefix)
+    else:
+        found = {k: v for k, v in found.items() if not k.startswith("multi_modal_projector.")}
     for f in weight_files(ckpt_dir):
-        state = load_file(f, device=str(device))
-        if not load_projector:
-            state = {k: v for k, v in state.items() if not k.startswith("multi_modal_projector.")}
-        found.update({k: v.shape for k, v in state.items()})
-        if load_projector:
-            for block, prefix in projector_blocks(config):
-                check_projector_weights(block, expected, found, partial=True, prefix=prefix)
+        state = {k: v for k, v in load_file(f, device=str(device)).items() if k in found}
         unexpected = model.load_state_dict(state, strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"{f} holds weights this model does not have: {unexpected[:5]} (of {len(unexpected)})")
@@ -415,19 +427,13 @@ def validate_checkpoint(ckpt_dir: str | Path) -> Qwen2AudioConfig:
     """Cheap checks before an engine starts (reads config and safetensors headers only):
     the projector block builds for the base dims, the weights fit it, the tokenizer has
     every special token. Raises ValueError naming expected vs found."""
-    from safetensors import safe_open
 
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "config.json").is_file():
         raise ValueError(f"{ckpt_dir} is not a checkpoint directory (no config.json)")
     config = load_config(ckpt_dir)
     expected = declared_projector_shapes(config)
-    found = {}
-    for shard in sorted(ckpt_dir.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            for key in f.keys():
-                if key.startswith(("multi_modal_projector.", "modality_projectors.")):
-                    found[key] = torch.Size(f.get_slice(key).get_shape())
+    found = stored_shapes(ckpt_dir, ("multi_modal_projector.", "modality_projectors."))
     for block, prefix in projector_blocks(config):
         check_projector_weights(block, expected, found, prefix=prefix)
     vocab = json.loads((ckpt_dir / "tokenizer.json").read_text())["added_tokens"] if (ckpt_dir / "tokenizer.json").exists() else []
