@@ -134,10 +134,20 @@ def _number(v: Any) -> Any:
 
 def append_results_row(table_csv: Path, row: dict[str, Any]) -> list[dict[str, str]]:
     """Append `row` to the aggregate CSV (header = union of all rows' columns, first-seen order)
-    and rewrite the sibling `results.md` with the same table. Both writes are atomic; the
-    read-modify-write is not locked, so one writer at a time. Returns all rows as read back
-    (values are strings; "" for a column a row lacks)."""
+    and rewrite the sibling `results.md` with the same table. Both writes are atomic, and the
+    read-modify-write holds an exclusive lock (`results.csv.lock`), so the parallel jobs of a
+    launcher (joblib, SLURM on a shared file system with POSIX locks) never lose a row.
+    Returns all rows as read back (values are strings; "" for a column a row lacks)."""
+    import fcntl
+
     table_csv = Path(table_csv)
+    table_csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(table_csv.with_name(table_csv.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _append_row(table_csv, row)
+
+
+def _append_row(table_csv: Path, row: dict[str, Any]) -> list[dict[str, str]]:
     rows: list[dict[str, Any]] = []
     header: list[str] = []
     if table_csv.exists():

@@ -82,6 +82,7 @@ def estimate(d: TinySpec, projector_params: int, batch: int, clip_s: float, text
         "flops_per_step": flops, "flops_per_step_checkpointed": flops_ckpt,
         "step_s_at_mfu": flops / (peak_tflops * 1e12 * mfu), "assumed_peak_tflops": peak_tflops, "assumed_mfu": mfu,
         "encoder_flops_per_clip_trimmed": enc_flops(clip_s), "encoder_flops_per_clip_30s": enc_flops(30.0),
+        "cache_bytes_per_audio_hour": 3600 * audio_tokens_per_s * d.encoder_dim * 2,  # float16 frames
     }
 
 
@@ -200,4 +201,5 @@ def print_tables(result: dict) -> None:
     t.add_row(f"step time at {e['assumed_mfu']:.0%} of {e['assumed_peak_tflops']:.0f} TFLOP/s", f"{e['step_s_at_mfu']:.3g} s")
     t.add_row("encoder TFLOPs per clip: trimmed / 30 s window",
               f"{e['encoder_flops_per_clip_trimmed'] / 1e12:.3g} / {e['encoder_flops_per_clip_30s'] / 1e12:.3g}")
+    t.add_row("encoder cache per hour of audio (float16)", gib(e["cache_bytes_per_audio_hour"]))
     console.print(t)

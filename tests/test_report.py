@@ -62,7 +62,7 @@ def test_append_results_row_unions_columns(tmp_path):
     md = (tmp_path / "results.md").read_text().splitlines()
     assert md[0] == "| name | wer | rtfx | kv_dtype |"
     assert md[3] == "| fp8_kv | 0.06 | - | fp8 |"
-    assert sorted(os.listdir(tmp_path)) == ["results.csv", "results.md"]
+    assert sorted(os.listdir(tmp_path)) == ["results.csv", "results.csv.lock", "results.md"]  # no temp files
 
 
 def test_pareto_front():
@@ -110,3 +110,25 @@ def test_log_wandb_failure_returns_none(tmp_path, monkeypatch, capsys):
     )
     err = capsys.readouterr().err
     assert err.startswith("warning: W&B logging skipped") and err.count("\n") == 1
+
+
+def _append_many(path: str, who: int) -> None:
+    from experiments.report import append_results_row
+
+    for i in range(15):
+        append_results_row(Path(path), {"name": f"job{who}-{i}", "wer": i})
+
+
+def test_parallel_jobs_never_lose_a_row(tmp_path):
+    """A launcher's jobs append to one table at once (hydra/launcher=joblib)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    jobs = [ctx.Process(target=_append_many, args=(str(tmp_path / "results.csv"), w)) for w in range(3)]
+    for j in jobs:
+        j.start()
+    for j in jobs:
+        j.join(60)
+    with open(tmp_path / "results.csv", newline="") as f:
+        names = [r["name"] for r in csv.DictReader(f)]
+    assert sorted(names) == sorted(f"job{w}-{i}" for w in range(3) for i in range(15))
