@@ -127,6 +127,8 @@ def align(cfg: DictConfig, state: dict) -> dict:
         torch.cuda.empty_cache()
     init_from_base = block == load_config(base_dir).projector
     result = train_align(base_dir, block, splits["train"], splits["dev"], out / "checkpoint", settings, init_from_base, trainer)
+    if place.device.type == "cuda":
+        torch.cuda.empty_cache()  # the twin is gone: give its memory back before vLLM starts
     result |= {"checkpoint": str(out / "checkpoint"), "projector": block, "init_from_base": init_from_base, "encoder_cache": caches}
     from experiments.report import write_json_atomic
 
