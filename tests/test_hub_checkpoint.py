@@ -174,3 +174,35 @@ def test_interrupted_export_leaves_no_checkpoint(hub_tiny, tmp_path, monkeypatch
     save_checkpoint(model, processor, out, shards=2)
     assert sorted(p.name for p in out.parent.iterdir()) == ["checkpoint"]
     assert len(weight_files(out)) == 2
+
+
+def test_twin_equals_transformers_own_class_on_adopted_checkpoint(hub_tiny, speech_clips, tmp_path):
+    """The reference is transformers' own Qwen2AudioForConditionalGeneration (its processor,
+    its 30 s padded encoder), not only the in-repo twin: for the linear projector the twin
+    on the adopted directory gives the same placeholder counts, next-token logits and
+    greedy tokens."""
+    from transformers import Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
+
+    from experiments.engine import chat_prompt
+    from qwen2_audio_vllm.hf import STOP_TOKENS, clip_embeddings, expand_audio_placeholders, greedy_transcribe
+
+    theirs = Qwen2AudioForConditionalGeneration.from_pretrained(hub_tiny, dtype=torch.float32).eval()
+    their_proc = Qwen2AudioProcessor.from_pretrained(hub_tiny)
+    adopted = adopt_checkpoint(hub_tiny, tmp_path)
+    twin, proc = load_model(adopted), load_processor(adopted)
+    prompt = chat_prompt(proc.tokenizer)
+    clips = [a for _, a, _ in speech_clips]
+    ours, counts = greedy_transcribe(twin, proc, clips, prompt, max_new_tokens=12)
+    eos = proc.tokenizer.convert_tokens_to_ids(STOP_TOKENS)
+    ids = proc.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for clip, tokens, n, emb in zip(clips, ours, counts, clip_embeddings(twin, proc, clips), strict=True):
+        inputs = their_proc(text=prompt, audio=clip, sampling_rate=16000, return_tensors="pt")
+        assert int((inputs["input_ids"] == twin.audio_token_id).sum()) == n
+        with torch.no_grad():
+            ref = theirs(**inputs).logits[0, -1]
+            row = torch.tensor([expand_audio_placeholders(ids, [n], twin.audio_token_id)])
+            got = twin(row, torch.ones_like(row), [emb]).logits[0, -1]
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        out = theirs.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                              pad_token_id=their_proc.tokenizer.pad_token_id)
+        assert out[0, inputs["input_ids"].shape[1]:].tolist() == tokens
