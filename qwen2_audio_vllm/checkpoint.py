@@ -37,10 +37,14 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
-from projectors import build_projector
 from qwen2_audio_vllm.hf import STOP_TOKENS, Qwen2AudioSwap
-from qwen2_audio_vllm.modalities import build_modality_projectors, modality_specs
+from qwen2_audio_vllm.modalities import modality_specs
 from qwen2_audio_vllm.plugin import ARCHITECTURE  # noqa: E402  (one name, one place)
+from qwen2_audio_vllm.validation import (
+    check_projector_weights,
+    declared_projector_shapes,
+    projector_blocks,
+)
 
 UPSTREAM_ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
 WEIGHTS = "model.safetensors"
@@ -339,32 +343,6 @@ def load_config(ckpt_dir: str | Path, projector: Mapping[str, Any] | None = None
     return config
 
 
-def check_projector_weights(
-    block: Mapping[str, Any],
-    expected: Mapping[str, torch.Size],
-    found: Mapping[str, torch.Size],
-    partial: bool = False,
-    prefix: str = "multi_modal_projector.",
-) -> None:
-    """Raise if the checkpoint's projector tensors (names under `prefix`) do not fit the
-    declared projector. `partial`: `found` is only what was read so far, so absent keys are
-    not yet missing."""
-    exp = {k: tuple(v) for k, v in expected.items() if k.startswith(prefix)}
-    got = {k: tuple(v) for k, v in found.items() if k.startswith(prefix)}
-    if partial:
-        exp = {k: v for k, v in exp.items() if k in got}
-    if exp != got:
-        missing = {k: exp[k] for k in exp.keys() - got.keys()}
-        unexpected = {k: got[k] for k in got.keys() - exp.keys()}
-        shapes = {k: (exp[k], got[k]) for k in exp.keys() & got.keys() if exp[k] != got[k]}
-        raise ValueError(
-            f"checkpoint weights {prefix}* do not match the declared projector {dict(block)}: "
-            f"missing {missing or 'none'}; unexpected {unexpected or 'none'}; "
-            f"shape (expected, found) {shapes or 'none'}. The projector block in config.json "
-            "must describe the projector the weights were trained with."
-        )
-
-
 def load_model(
     ckpt_dir: str | Path,
     projector: Mapping[str, Any] | None = None,
@@ -449,23 +427,6 @@ def validate_checkpoint(ckpt_dir: str | Path) -> Qwen2AudioConfig:
                 f"tokenizer.json has {m.token} = {have.get(m.token)}; re-create it with add_modalities()"
             )
     return config
-
-
-def declared_projector_shapes(config: Qwen2AudioConfig) -> dict[str, torch.Size]:
-    """Weight name -> shape for every projector config.json declares (the audio projector
-    and each extra modality's), built on the meta device: what a checkpoint must hold."""
-    with torch.device("meta"):
-        modules = {
-            "multi_modal_projector": build_projector(config.projector, config.audio_config.d_model, config.text_config.hidden_size),
-            "modality_projectors": build_modality_projectors(config),
-        }
-    return {f"{name}.{k}": v.shape for name, module in modules.items() for k, v in module.state_dict().items()}
-
-
-def projector_blocks(config: Qwen2AudioConfig) -> list[tuple[Mapping[str, Any], str]]:
-    """(config.json block, weight-name prefix) for the audio projector and each extra modality's."""
-    blocks = [(config.projector, "multi_modal_projector.")]
-    return blocks + [(m.projector, m.prefix) for m in modality_specs(config).values()]
 
 
 def check_qwen2_audio_dir(src: Path, env_var: str | None = None) -> dict[str, Any]:

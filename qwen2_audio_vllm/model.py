@@ -87,7 +87,7 @@ from vllm.model_executor.models.utils import (
 from projectors import Projector, build_projector
 from projectors.base import project_sequences
 from qwen2_audio_vllm import windows
-from qwen2_audio_vllm.checkpoint import (
+from qwen2_audio_vllm.validation import (  # fork: no training twin in workers
     check_projector_weights,
     declared_projector_shapes,
     projector_blocks,

@@ -172,3 +172,19 @@ def test_audio_token_count_on_spoken_clip(ckpt, spoken_clip, stack):
     assert tokens == -(-pooled // stack)
     assert embeds.shape == (tokens, SPEC.text_dim)
     assert torch.isfinite(embeds).all()
+
+
+def test_vllm_workers_never_import_the_training_twin():
+    """What vLLM loads (the fork and what it needs) stays clear of the transformers twin
+    and of checkpoint building: imports flow one way (DESIGN.md)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, qwen2_audio_vllm.model; "
+            "print(sorted(m for m in sys.modules if m.startswith('qwen2_audio_vllm')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    loaded = out.strip().splitlines()[-1]
+    assert "qwen2_audio_vllm.model" in loaded and "qwen2_audio_vllm.validation" in loaded
+    assert "qwen2_audio_vllm.hf" not in loaded and "qwen2_audio_vllm.checkpoint" not in loaded

@@ -184,7 +184,12 @@ def test_twin_equals_transformers_own_class_on_adopted_checkpoint(hub_tiny, spee
     from transformers import Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
 
     from experiments.engine import chat_prompt
-    from qwen2_audio_vllm.hf import STOP_TOKENS, clip_embeddings, expand_audio_placeholders, greedy_transcribe
+    from qwen2_audio_vllm.hf import (
+        STOP_TOKENS,
+        clip_embeddings,
+        expand_audio_placeholders,
+        greedy_transcribe,
+    )
 
     theirs = Qwen2AudioForConditionalGeneration.from_pretrained(hub_tiny, dtype=torch.float32).eval()
     their_proc = Qwen2AudioProcessor.from_pretrained(hub_tiny)
