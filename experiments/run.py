@@ -351,8 +351,12 @@ def run(cfg: DictConfig) -> dict:
 
     Under `torchrun --nproc_per_node N` every process runs prepare and align (data-parallel
     training); process 0 alone runs the other stages."""
+    import os
+
     from experiments import devices
 
+    # vLLM logs every engine start at INFO (hundreds of lines a run); verbose=true shows them
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if cfg.verbose else "WARNING")
     unknown = set(cfg.stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; expected a subset of {list(STAGES)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,16 @@ def test_unknown_stage_rejected(tmp_path):
     cfg = composed(["stages=[evaluate,oops]", f"run_dir={tmp_path}"])
     with pytest.raises(ValueError, match="unknown stages"):
         run(cfg)
+
+
+def test_vllm_logging_quiet_unless_verbose(tmp_path, monkeypatch):
+    from experiments.run import run
+
+    for verbose, level in (("false", "WARNING"), ("true", "INFO")):
+        monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+        with pytest.raises(ValueError, match="unknown stages"):
+            run(composed(["stages=[oops]", f"verbose={verbose}", f"run_dir={tmp_path}"]))
+        assert os.environ["VLLM_LOGGING_LEVEL"] == level
 
 
 @pytest.mark.engine
