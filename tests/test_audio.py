@@ -65,8 +65,13 @@ def test_unusable_samples_raise(samples, sr, message):
         to_model_audio(samples, sr)
 
 
-def test_audio_error_is_a_value_error():
-    assert issubclass(AudioError, ValueError)
+def test_corrupt_file_is_a_value_error_naming_path_and_formats(tmp_path):
+    """Callers that turn ValueError into a per-request failure (HTTP 400, a failed
+    utterance) catch it; the message says which file and what is readable."""
+    path = tmp_path / "not_audio.wav"
+    path.write_bytes(b"this is not a wav file at all" * 10)
+    with pytest.raises(ValueError, match=rf"{path}: not a readable audio file .*expected WAV/FLAC/OGG"):
+        load_audio(path)
 
 
 def test_short_file_names_the_path(tmp_path):

@@ -196,14 +196,14 @@ def test_block_dims_must_match_base_model(key):
 
 
 @pytest.mark.parametrize(
-    "block",
+    ("block", "message"),
     [
-        dict(name="mlp", dropout=0.1),  # unknown kwarg
-        dict(name="linear", stack=0),
-        dict(name="linear", stack=1.5),
-        dict(name="mlp", activation="relu"),
-        dict(name="attention", downsample="stack"),
-        dict(name="attention", width=30, heads=4),
+        (dict(name="mlp", dropout=0.1), r"bad arguments for projector 'mlp': .*unexpected keyword argument 'dropout'"),
+        (dict(name="linear", stack=0), r"stack must be an integer >= 1 .*got 0"),
+        (dict(name="linear", stack=1.5), r"stack must be an integer >= 1 .*got 1.5"),
+        (dict(name="mlp", activation="relu"), r"mlp activation must be one of \('gelu', 'swiglu'\), got 'relu'"),
+        (dict(name="attention", downsample="stack"), r"downsample must be one of \('none', 'queries'\), got 'stack'"),
+        (dict(name="attention", width=30, heads=4), r"width \(30\) must be divisible by heads \(4\)"),
     ],
     ids=[
         "unknown-kwarg",
@@ -214,8 +214,9 @@ def test_block_dims_must_match_base_model(key):
         "width-heads",
     ],
 )
-def test_bad_hyperparameters_raise_value_error(block):
-    with pytest.raises(ValueError, match=r"\S"):
+def test_bad_hyperparameters_raise_value_error(block, message):
+    """Each bad value is named with what was expected and what was found."""
+    with pytest.raises(ValueError, match=message):
         build_projector(block, IN_DIM, OUT_DIM)
 
 

@@ -150,4 +150,4 @@ def test_interrupted_run_leaves_no_half_results_and_resumes(tmp_path):
     assert (tmp_path / "run2" / "results.json").exists()
     assert len(list(align_root.glob("*/checkpoint/config.json"))) == 1 and list(align_root.glob("*/align.json"))
     assert (tmp_path / "r" / "results.csv").exists()
-    assert "wandb" in (out.stdout + out.stderr).lower()  # the W&B failure was reported
+    assert "warning: W&B logging skipped" in out.stdout + out.stderr  # reported in one line, results kept

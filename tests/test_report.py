@@ -42,7 +42,10 @@ def test_run_metadata(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
     meta = run_metadata()
     assert meta["vllm_cpu_env"]["VLLM_CPU_KVCACHE_SPACE"] == "4"
-    assert meta["git_sha"] is None or len(meta["git_sha"]) == 40
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert meta["git_sha"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert meta["packages"]["transformers"] is not None
     assert meta["python"] == ".".join(map(str, sys.version_info[:3]))
     assert meta["cpu_count"] == os.cpu_count()
