@@ -137,7 +137,18 @@ def local_share(indices: list[int]) -> list[int]:
     return indices[rank() :: n]
 
 
+# What torchrun puts in the environment; gone once the data-parallel stages are over, so
+# vLLM (started later by process 0) sees a plain single process.
+TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
+
+
 def finish_distributed() -> None:
+    """End data parallelism: every process meets here once its data-parallel stages are
+    done (the others then exit, process 0 carries on alone)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        for key in TORCHRUN_ENV:
+            os.environ.pop(key, None)

@@ -366,7 +366,8 @@ def run(cfg: DictConfig) -> dict:
     elif "align" in needed or ("train_bench" in needed and not cfg.model.get("dims")):
         needed.add("prepare")  # train_bench reads dims from the base checkpoint when not configured
     devices.init_distributed(trainer_settings(cfg).placement().device.type)
-    if not devices.is_main():
+    main_process = devices.is_main()
+    if not main_process:
         needed &= set(DATA_PARALLEL_STAGES)
     state: dict = {"stage_results": {}, "timings": {}}
     try:
@@ -378,9 +379,11 @@ def run(cfg: DictConfig) -> dict:
             state["stage_results"][stage] = result
             if stage in ("prepare", "align"):
                 state.update({k: v for k, v in result.items() if k in ("manifests", "base_dir", "checkpoint")})
+            if stage == max((s for s in needed if s in DATA_PARALLEL_STAGES), key=STAGES.index):
+                devices.finish_distributed()  # the other processes exit; process 0 goes on alone
     finally:
         devices.finish_distributed()
-    if devices.is_main():
+    if main_process:
         print_summary(state)
     return state
 

@@ -41,13 +41,19 @@ def aligned(artifacts: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return json.loads(done.read_text()), load_file(done.parent / "checkpoint" / "model.safetensors")
 
 
+@pytest.mark.engine
 def test_data_parallel_align_matches_one_process(hub_tiny, tmp_path):
+    """Both processes align; then process 0 alone evaluates through vLLM (the others have
+    left, and torchrun's environment is gone before the engine starts)."""
     one = tmp_path / "one"
     run_module(["-m", "experiments.run", *COMMON, f"artifacts_dir={one}", f"hydra.run.dir={one}/run"], hub_tiny, tmp_path)
     two = tmp_path / "two"
     p = run_module(
         ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "experiments.run",
-         *COMMON, f"artifacts_dir={two}", f"hydra.run.dir={two}/run"], hub_tiny, tmp_path)
+         *COMMON, "stages=[prepare,align,export,evaluate]", "model.engine.max_model_len=2048",
+         f"artifacts_dir={two}", f"hydra.run.dir={two}/run"], hub_tiny, tmp_path)
+    (metrics,) = two.glob("evaluate/*/metrics.json")
+    assert json.loads(metrics.read_text())["n_utts"] == 8 and p.stdout.count("[run] stage evaluate") == 1
     r1, w1 = aligned(one)
     r2, w2 = aligned(two)
     assert r1["processes"] == 1 and r2["processes"] == 2
