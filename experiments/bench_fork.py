@@ -1,40 +1,99 @@
-"""Benchmark: the fork (linear projector) vs upstream vLLM's own Qwen2-Audio class on the
-same weights and the same requests, in one run, alternating engines to spread drift.
+"""Benchmark: the fork (encoder over real frames, linear projector) vs upstream vLLM's own
+Qwen2-Audio class (30 s window) on the same checkpoint and the same requests, per clip length.
 
-    .venv/bin/python -m experiments.bench_fork [checkpoint dir] --requests 64 --rounds 2
+    .venv/bin/python -m experiments.bench_fork [checkpoint dir] --lengths 1 2 4 8 15 30 --rounds 5
 
-Prints requests/s per engine and round and the ratio fork / upstream (goal >= 0.98).
+Both engines stay up; every round measures each length on upstream then the fork (A B A B
+...), so the drift of a noisy machine hits both alike. Each measurement is one offline
+batch (`--requests` clips of real test speech tiled to the length, all submitted at once,
+greedy, `--max-tokens` output tokens each), new clips every round, prefix caching and the
+multimodal processor cache off (a repeated clip would skip the encoder). Prints, per length, requests/s and RTFx (audio
+seconds per wall second) of each engine as the median over rounds, and the fork/upstream
+ratio as the median [min, max] of the per-round ratios. `--no-trim` measures the fork with
+"trim_audio_padding": false instead (the full window, as upstream).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
-from experiments.bench import add_request_args, bench_engine, request_set
+from experiments.bench import measure, request_audio
 from qwen2_audio_vllm.checkpoint import UPSTREAM_ARCHITECTURE
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_request_args(parser, max_tokens=24)
+    parser.add_argument("checkpoint", nargs="?", type=Path, help="default: the tiny random base")
+    parser.add_argument("--lengths", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0, 15.0, 30.0])
+    parser.add_argument("--requests", type=int, default=16, help="clips per measurement (one offline batch)")
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-trim", action="store_true", help="the fork over the full window too")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    ckpt, audios = request_set(args)
-    engines = {"upstream": {"hf_overrides": {"architectures": [UPSTREAM_ARCHITECTURE]}}, "fork": {}}
-    runs: dict[str, list[float]] = {name: [] for name in engines}
-    for r in range(args.rounds):
-        for name, overrides in engines.items():
-            s = bench_engine(ckpt, audios, args.max_tokens, overrides | {"max_num_seqs": args.requests})
-            runs[name].append(s["request_throughput"])
-            print(f"round {r + 1} {name:8s} {s['request_throughput']:.3f} req/s  {s['output_token_throughput']:.1f} tok/s")
-    fork, upstream = sum(runs["fork"]) / args.rounds, sum(runs["upstream"]) / args.rounds
-    result = {"requests_per_s": runs, "ratio_fork_vs_upstream": fork / upstream, "requests": args.requests,
-              "max_tokens": args.max_tokens, "lengths_s": args.lengths, "checkpoint": str(ckpt)}
-    print(f"fork / upstream throughput ratio: {fork / upstream:.3f} (mean of {args.rounds} rounds each)")
+    if args.rounds < 5:
+        parser.error("--rounds must be at least 5: single pairs drift by ~30 % on these machines")
+
+    from vllm import LLM
+
+    from experiments.data import read_manifest
+    from experiments.engine import close_llm, engine_kwargs, make_llm
+    from experiments.prepare import ensure_random_tiny, ensure_synthetic
+
+    ckpt = args.checkpoint or ensure_random_tiny()
+    rows = read_manifest(ensure_synthetic()["test"])
+    # fresh clips in every round (and no prefix or processor cache): a repeated clip would be
+    # served from vLLM's caches without running the encoder at all
+    n = args.requests
+    clip_sets = {s: request_audio(rows, [s], n * (args.rounds + 1)) for s in args.lengths}
+    audios = {s: [clips[(r + 1) * n : (r + 2) * n] for r in range(args.rounds)] for s, clips in clip_sets.items()}
+    common = {"max_num_seqs": n, "enable_prefix_caching": False, "mm_processor_cache_gb": 0}
+    engines = {
+        "upstream": LLM(**engine_kwargs(ckpt, hf_overrides={"architectures": [UPSTREAM_ARCHITECTURE]}, **common)),
+        "fork": make_llm(ckpt, hf_overrides={"trim_audio_padding": not args.no_trim}, **common),
+    }
+    try:
+        for llm in engines.values():  # warm-up: every length once, on clips not measured
+            for clips in clip_sets.values():
+                measure(llm, clips[:2], args.max_tokens)
+        seconds: dict[str, dict[float, list[float]]] = {n: {s: [] for s in args.lengths} for n in engines}
+        for r in range(args.rounds):
+            for s in args.lengths:
+                for name, llm in engines.items():
+                    _, duration = measure(llm, audios[s][r], args.max_tokens)
+                    seconds[name][s].append(duration)
+            print(f"round {r + 1}: " + "  ".join(
+                f"{s:g}s {seconds['upstream'][s][-1] / seconds['fork'][s][-1]:.2f}x" for s in args.lengths))
+    finally:
+        for llm in engines.values():
+            close_llm(llm)
+    table = summarize(seconds, args.requests, args.lengths)
+    print(f"{'length':>7} {'upstream req/s':>15} {'fork req/s':>11} {'upstream RTFx':>14} {'fork RTFx':>10}  fork/upstream median [min, max]")
+    for s, row in table.items():
+        print(f"{s:>6g}s {row['upstream_req_s']:>15.2f} {row['fork_req_s']:>11.2f} {row['upstream_rtfx']:>14.1f} "
+              f"{row['fork_rtfx']:>10.1f}  {row['ratio_median']:.2f} [{row['ratio_min']:.2f}, {row['ratio_max']:.2f}]")
+    result = {"per_length": table, "requests": args.requests, "max_tokens": args.max_tokens, "rounds": args.rounds,
+              "trim": not args.no_trim, "checkpoint": str(ckpt)}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
+
+
+def summarize(seconds: dict[str, dict[float, list[float]]], requests: int, lengths: list[float]) -> dict:
+    """Per length: median req/s and RTFx per engine, and the per-round fork/upstream
+    throughput ratios as median, min and max."""
+    out = {}
+    for s in lengths:
+        up, fork = seconds["upstream"][s], seconds["fork"][s]
+        ratios = [u / f for u, f in zip(up, fork, strict=True)]  # same requests: time ratio = throughput ratio
+        out[s] = {
+            "upstream_req_s": requests / statistics.median(up), "fork_req_s": requests / statistics.median(fork),
+            "upstream_rtfx": requests * s / statistics.median(up), "fork_rtfx": requests * s / statistics.median(fork),
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        }
+    return out
 
 
 if __name__ == "__main__":

@@ -91,21 +91,27 @@ class EmbedAudio:
     Needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 before the engine starts (it ships this object
     to the worker)."""
 
-    def __init__(self, input_features, feature_attention_mask) -> None:
+    def __init__(self, input_features, feature_attention_mask, trim: bool | None = None) -> None:
         self.input_features, self.feature_attention_mask = input_features, feature_attention_mask
+        self.trim = trim  # None: as the checkpoint says; else flip its trim_audio_padding for this call
 
     def __call__(self, model) -> list:
         import torch
 
         device = next(model.parameters()).device
         n = self.input_features.shape[0]  # one window per clip
-        with torch.no_grad():
-            emb = model.embed_multimodal(
-                input_features=self.input_features.to(device),
-                feature_attention_mask=self.feature_attention_mask.to(device),
-                audio_num_windows=torch.ones(n, dtype=torch.long),
-                audio_window_start=torch.zeros(n, dtype=torch.long),
-            )
+        configured = model.trim_audio_padding
+        model.trim_audio_padding = configured if self.trim is None else self.trim
+        try:
+            with torch.no_grad():
+                emb = model.embed_multimodal(
+                    input_features=self.input_features.to(device),
+                    feature_attention_mask=self.feature_attention_mask.to(device),
+                    audio_num_windows=torch.ones(n, dtype=torch.long),
+                    audio_window_start=torch.zeros(n, dtype=torch.long),
+                )
+        finally:
+            model.trim_audio_padding = configured
         return [e.float().cpu() for e in emb]
 
 

@@ -379,7 +379,7 @@ def run(cfg: DictConfig) -> dict:
             state["stage_results"][stage] = result
             if stage in ("prepare", "align"):
                 state.update({k: v for k, v in result.items() if k in ("manifests", "base_dir", "checkpoint")})
-            if stage == max((s for s in needed if s in DATA_PARALLEL_STAGES), key=STAGES.index):
+            if stage == max((s for s in needed if s in DATA_PARALLEL_STAGES), key=STAGES.index, default=None):
                 devices.finish_distributed()  # the other processes exit; process 0 goes on alone
     finally:
         devices.finish_distributed()

@@ -247,7 +247,7 @@ def pretrain(
     from experiments.audio import load_audio
     from experiments.cache import mel_features, pad_mels
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
-    from qwen2_audio_vllm.hf import encoder_lengths
+    from qwen2_audio_vllm.encoder import output_lengths as encoder_lengths
 
     place = trainer.placement()
     model, processor = load_model(base_dir, device=place.device), load_processor(base_dir)

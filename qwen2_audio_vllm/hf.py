@@ -17,7 +17,7 @@ from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncod
 
 from projectors import Projector, build_projector
 from projectors.base import project_sequences
-from qwen2_audio_vllm import windows
+from qwen2_audio_vllm import encoder, windows
 from qwen2_audio_vllm.modalities import build_modality_projectors, modality_specs
 
 # Generation stops at either token: the checkpoint's generation_config.json lists both
@@ -43,12 +43,6 @@ def expand_audio_placeholders(
     return out
 
 
-def encoder_lengths(mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mel frames (100/s) -> (frames after the stride-2 conv, 50/s; after the avg-pool, 25/s)."""
-    conv = (mel_lengths - 1) // 2 + 1
-    return conv, (conv - 2) // 2 + 1
-
-
 class Qwen2AudioSwap(nn.Module):
     def __init__(self, config: Qwen2AudioConfig) -> None:
         super().__init__()
@@ -69,28 +63,10 @@ class Qwen2AudioSwap(nn.Module):
         self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor, trim: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen-encoder part: mel (B, n_mels, L) + mask (B, L) -> pooled frames
-        (B, T, d_audio), T <= L/4, and their valid lengths (B,). Masking as in the vLLM fork.
-
-        trim=True runs the encoder only over the longest clip (+ a conv margin) instead of the
-        whole 30 s window: padded frames are masked out of attention and the convolutions
-        reach one frame past a clip, so the valid frames equal the full-window result (to
-        float rounding) at a fraction of the cost. trim=False is the reference path."""
-        conv_len, pooled_len = encoder_lengths(feature_attention_mask.sum(-1))
-        if trim:
-            keep = min(input_features.shape[-1], int(feature_attention_mask.sum(-1).max()) + 8)
-            input_features = input_features[..., : keep + keep % 2]
-        tower = self.audio_tower
-        x = input_features.to(tower.conv1.weight.dtype)
-        x = F.gelu(tower.conv2(F.gelu(tower.conv1(x)))).permute(0, 2, 1)  # (B, T_conv, d)
-        B, T, _ = x.shape
-        x = x + tower.embed_positions.weight[:T]
-        padding = torch.arange(T, device=x.device)[None, :] >= conv_len[:, None]  # (B, T)
-        attn = torch.zeros((B, 1, T, T), dtype=x.dtype, device=x.device)
-        attn.masked_fill_(padding[:, None, None, :], float("-inf"))
-        for layer in tower.layers:
-            x = layer(x, attn)
-        x = tower.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)  # (B, T_conv // 2, d)
-        return tower.layer_norm(x), pooled_len
+        (B, T, d_audio), T <= L/4, and their valid lengths (B,). The same computation as the
+        vLLM fork (qwen2_audio_vllm.encoder): trim=True encodes each clip over its real
+        frames (length buckets), trim=False over the whole window, equal to float rounding."""
+        return encoder.encode(self.audio_tower, input_features, feature_attention_mask, trim=trim)
 
     def project(
         self, frames: torch.Tensor, lengths: torch.Tensor, run: nn.Module | None = None

@@ -8,7 +8,8 @@ import torch
 
 from experiments.engine import EmbedAudio, audio_request, chat_prompt, close_llm, make_llm
 from qwen2_audio_vllm.checkpoint import derive_checkpoint, load_model, load_processor
-from qwen2_audio_vllm.hf import encoder_lengths, greedy_transcribe
+from qwen2_audio_vllm.encoder import output_lengths as encoder_lengths
+from qwen2_audio_vllm.hf import greedy_transcribe
 
 pytestmark = pytest.mark.engine
 

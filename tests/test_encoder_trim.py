@@ -1,0 +1,87 @@
+"""The encoder over real frames (qwen2_audio_vllm/encoder.py) against the 30 s window:
+the projected audio embeddings agree within TRIM_ATOL, and the fork (trimming, the
+default) gives upstream vLLM's greedy tokens on the project's clips and on fresh clips of
+voices never used anywhere else in the repo."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.audio import SAMPLE_RATE
+from qwen2_audio_vllm.checkpoint import UPSTREAM_ARCHITECTURE, load_model, load_processor
+from qwen2_audio_vllm.encoder import buckets
+from tests.conftest import speak
+
+# float32 on the tiny model: only the summation order of differently shaped matmuls differs
+TRIM_ATOL = 1e-4
+UNSEEN_VOICES = ("en+f4", "en-us+m2", "en+m7")  # not in experiments.data's train or test voices
+LENGTHS_S = (1.0, 2.0, 4.0, 8.0)
+
+
+def test_buckets_group_similar_lengths():
+    lengths = [100, 800, 110, 3000, 120, 2900, 130]
+    got = buckets(lengths, ratio=1.25)
+    assert got == [[0, 2, 4], [6], [1], [5, 3]]  # 130 > 1.25 * 100 starts a new bucket
+    assert sorted(i for g in got for i in g) == list(range(len(lengths)))
+
+
+def features(processor, clips):
+    fe = processor.feature_extractor
+    return fe(clips, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")
+
+
+def test_twin_trimmed_equals_full_window(tiny_base, length_sweep):
+    """A batch mixing 0.25 s to 30 s clips, trimmed into buckets vs the whole window."""
+    model, processor = load_model(tiny_base), load_processor(tiny_base)
+    clips = [length_sweep[k] for k in ("0.25s", "1.0s", "2.3s", "5.0s", "10.0s", "17.7s", "30.0s", "1.0s")]
+    feats = features(processor, clips)
+    with torch.no_grad():
+        trimmed = model.project(*model.encode_audio(feats["input_features"], feats["attention_mask"], trim=True))
+        full = model.project(*model.encode_audio(feats["input_features"], feats["attention_mask"], trim=False))
+    worst = max(float((a - b).abs().max()) for a, b in zip(trimmed, full, strict=True))
+    print(f"max |trimmed - full window| of projected embeddings: {worst:.2e}")
+    assert [t.shape for t in trimmed] == [f.shape for f in full]
+    assert worst <= TRIM_ATOL
+
+
+@pytest.fixture(scope="module")
+def unseen_clips(tmp_path_factory) -> list[np.ndarray]:
+    """Fresh espeak-ng speech in voices never used for training or testing, tiled to 1-8 s."""
+    d = tmp_path_factory.mktemp("unseen")
+    texts = ["seven green windows", "please bring the yellow cup", "nineteen boxes at the station"]
+    out = []
+    for i, (voice, text) in enumerate(zip(UNSEEN_VOICES, texts, strict=True)):
+        speech = speak(text, d / f"{i}.wav", voice=voice)
+        out += [np.resize(speech, int(s * SAMPLE_RATE)).astype(np.float32) for s in LENGTHS_S]
+    return out
+
+
+@pytest.mark.engine
+def test_fork_trimmed_equals_upstream_full_window(tiny_base, speech_clips, unseen_clips):
+    from vllm import LLM, SamplingParams
+
+    from experiments.engine import EmbedAudio, audio_request, chat_prompt, close_llm, engine_kwargs, make_llm
+
+    clips = [a for _, a, _ in speech_clips] + unseen_clips
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+    results = {}
+    for name in ("upstream", "fork"):
+        llm = (LLM(**engine_kwargs(tiny_base, hf_overrides={"architectures": [UPSTREAM_ARCHITECTURE]}))
+               if name == "upstream" else make_llm(tiny_base))
+        try:
+            prompt = chat_prompt(llm.get_tokenizer())
+            results[name] = llm.generate([audio_request(prompt, a) for a in clips], greedy)
+            if name == "fork":  # the served embeddings, trimmed (default) vs the window
+                feats = features(load_processor(tiny_base), clips)
+                trimmed, full = (llm.apply_model(EmbedAudio(feats["input_features"], feats["attention_mask"], trim=t))[0]
+                                 for t in (True, False))
+        finally:
+            close_llm(llm)
+    for u, f in zip(results["upstream"], results["fork"], strict=True):
+        assert u.prompt_token_ids == f.prompt_token_ids
+        assert u.outputs[0].token_ids == f.outputs[0].token_ids
+    worst = max(float((a - b).abs().max()) for a, b in zip(trimmed, full, strict=True))
+    print(f"engine: max |trimmed - full window| of projected embeddings: {worst:.2e}")
+    assert len(trimmed) == len(clips) and worst <= TRIM_ATOL
