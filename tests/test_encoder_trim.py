@@ -62,7 +62,14 @@ def unseen_clips(tmp_path_factory) -> list[np.ndarray]:
 def test_fork_trimmed_equals_upstream_full_window(tiny_base, speech_clips, unseen_clips):
     from vllm import LLM, SamplingParams
 
-    from experiments.engine import EmbedAudio, audio_request, chat_prompt, close_llm, engine_kwargs, make_llm
+    from experiments.engine import (
+        EmbedAudio,
+        audio_request,
+        chat_prompt,
+        close_llm,
+        engine_kwargs,
+        make_llm,
+    )
 
     clips = [a for _, a, _ in speech_clips] + unseen_clips
     greedy = SamplingParams(max_tokens=16, temperature=0)
