@@ -100,8 +100,8 @@ class EmbedAudio:
 
         device = next(model.parameters()).device
         n = self.input_features.shape[0]  # one window per clip
-        configured = model.trim_audio_padding
-        model.trim_audio_padding = configured if self.trim is None else self.trim
+        configured = model.audio_tower.trim
+        model.audio_tower.trim = configured if self.trim is None else self.trim
         try:
             with torch.no_grad():
                 emb = model.embed_multimodal(
@@ -111,7 +111,7 @@ class EmbedAudio:
                     audio_window_start=torch.zeros(n, dtype=torch.long),
                 )
         finally:
-            model.trim_audio_padding = configured
+            model.audio_tower.trim = configured
         return [e.float().cpu() for e in emb]
 
 

@@ -40,7 +40,6 @@ import torch.nn as nn
 from transformers import BatchFeature
 from transformers.models.qwen2_audio import (
     Qwen2AudioConfig,
-    Qwen2AudioEncoder,
     Qwen2AudioProcessor,
 )
 from transformers.models.whisper import WhisperFeatureExtractor
@@ -86,7 +85,8 @@ from vllm.model_executor.models.utils import (
 )
 from projectors import Projector, build_projector
 from projectors.base import project_sequences
-from qwen2_audio_vllm import encoder, windows  # fork
+from qwen2_audio_vllm import windows
+from qwen2_audio_vllm.encoder import RealFramesEncoder  # fork
 from qwen2_audio_vllm.validation import (  # fork: no training twin in workers
     check_projector_weights,
     declared_projector_shapes,
@@ -637,9 +637,9 @@ class Qwen2AudioSwapForConditionalGeneration(  # fork: renamed
         self.quant_config = quant_config
 
         with self._mark_tower_model(vllm_config, "audio"):
-            self.audio_tower = Qwen2AudioEncoder(config.audio_config)
+            # fork: the encoder over each clip's real frames (encoder.py)
+            self.audio_tower = RealFramesEncoder(config.audio_config, trim=getattr(config, "trim_audio_padding", True))
             self.multi_modal_projector = _build_projector(config)  # fork
-        self.trim_audio_padding = bool(getattr(config, "trim_audio_padding", True))  # fork
 
         # fork: extra modalities' projectors (modalities.py), absent when none are declared
         self.modalities = modality_specs(config)
@@ -705,12 +705,44 @@ class Qwen2AudioSwapForConditionalGeneration(  # fork: renamed
         input_features = audio_input["input_features"]
         feature_attention_mask = audio_input["feature_attention_mask"]
 
-        # fork: the encoder runs over each clip's real frames (length buckets), not the
-        # padded window, unless config.json says "trim_audio_padding": false (encoder.py)
-        with gpu_sync_allowed():  # the buckets are formed from the clips' lengths
-            selected_audio_feature, audio_output_lengths = encoder.encode(
-                self.audio_tower, input_features, feature_attention_mask, trim=self.trim_audio_padding
+        audio_feat_lengths, audio_output_lengths = (
+            self.audio_tower._get_feat_extract_output_lengths(
+                feature_attention_mask.sum(-1)
             )
+        )
+
+        batch_size, _, max_mel_seq_len = input_features.shape
+        max_seq_len = (max_mel_seq_len - 2) // 2 + 1
+        # Create a sequence tensor of shape (batch_size, max_seq_len)
+        seq_range = (
+            torch.arange(
+                0,
+                max_seq_len,
+                dtype=audio_feat_lengths.dtype,
+                device=audio_feat_lengths.device,
+            )
+            .unsqueeze(0)
+            .expand(batch_size, max_seq_len)
+        )
+        lengths_expand = audio_feat_lengths.unsqueeze(-1).expand(
+            batch_size, max_seq_len
+        )
+        # Create mask
+        padding_mask = seq_range >= lengths_expand
+
+        audio_attention_mask_ = padding_mask.view(batch_size, 1, 1, max_seq_len).expand(
+            batch_size, 1, max_seq_len, max_seq_len
+        )
+        audio_attention_mask = audio_attention_mask_.to(
+            dtype=self.audio_tower.conv1.weight.dtype,
+            device=self.audio_tower.conv1.weight.device,
+        )
+        audio_attention_mask[audio_attention_mask_] = float("-inf")
+
+        audio_outputs = self.audio_tower(
+            input_features, attention_mask=audio_attention_mask
+        )
+        selected_audio_feature = audio_outputs.last_hidden_state
         # fork: each window keeps its pooled frames from audio_window_start on (overlap
         # dropped); the projector sees which frames are real and sets the token count
         window_start = audio_input["audio_window_start"].to(audio_output_lengths.device)
