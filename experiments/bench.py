@@ -52,16 +52,21 @@ def request_set(args) -> tuple[Path, list[np.ndarray]]:
     return ckpt, request_audio(read_manifest(ensure_synthetic()["test"]), args.lengths, args.requests)
 
 
-def interleaved_seconds(variants: dict, rounds: int) -> dict[str, float]:
-    """Total seconds per variant, {name: run(round)}: every variant runs once per round in
-    turn, so drift of a noisy machine hits all of them alike."""
-    seconds = dict.fromkeys(variants, 0.0)
+def interleaved_rounds(variants: dict, rounds: int) -> dict:
+    """Seconds per variant and round, {name: run(round)} -> {name: [s, ...]}: every variant
+    runs once per round in turn (A B A B ...), so drift of a noisy machine hits all alike."""
+    seconds: dict = {name: [] for name in variants}
     for k in range(rounds):
         for name, run in variants.items():
             t0 = time.perf_counter()
             run(k)
-            seconds[name] += time.perf_counter() - t0
+            seconds[name].append(time.perf_counter() - t0)
     return seconds
+
+
+def interleaved_seconds(variants: dict, rounds: int) -> dict[str, float]:
+    """Total seconds per variant over `rounds` interleaved rounds (interleaved_rounds)."""
+    return {name: sum(s) for name, s in interleaved_rounds(variants, rounds).items()}
 
 
 class PeakMemory:

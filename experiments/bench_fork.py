@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from functools import partial
 from pathlib import Path
 
-from experiments.bench import measure, request_audio
+from experiments.bench import interleaved_rounds, measure, request_audio
 from qwen2_audio_vllm.checkpoint import UPSTREAM_ARCHITECTURE
 
 
@@ -59,14 +60,11 @@ def main() -> None:
         for llm in engines.values():  # warm-up: every length once, on clips not measured
             for clips in clip_sets.values():
                 measure(llm, clips[:2], args.max_tokens)
-        seconds: dict[str, dict[float, list[float]]] = {n: {s: [] for s in args.lengths} for n in engines}
-        for r in range(args.rounds):
-            for s in args.lengths:
-                for name, llm in engines.items():
-                    _, duration = measure(llm, audios[s][r], args.max_tokens)
-                    seconds[name][s].append(duration)
-            print(f"round {r + 1}: " + "  ".join(
-                f"{s:g}s {seconds['upstream'][s][-1] / seconds['fork'][s][-1]:.2f}x" for s in args.lengths))
+        def batch(llm, s: float, r: int) -> None:  # round r's clips of length s
+            measure(llm, audios[s][r], args.max_tokens)
+
+        runs = {(s, name): partial(batch, llm, s) for s in args.lengths for name, llm in engines.items()}
+        seconds = interleaved_rounds(runs, args.rounds)
     finally:
         for llm in engines.values():
             close_llm(llm)
@@ -81,12 +79,12 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=1))
 
 
-def summarize(seconds: dict[str, dict[float, list[float]]], requests: int, lengths: list[float]) -> dict:
+def summarize(seconds: dict[tuple[float, str], list[float]], requests: int, lengths: list[float]) -> dict:
     """Per length: median req/s and RTFx per engine, and the per-round fork/upstream
-    throughput ratios as median, min and max."""
+    throughput ratios as median, min and max. `seconds`: {(length, engine): [s per round]}."""
     out = {}
     for s in lengths:
-        up, fork = seconds["upstream"][s], seconds["fork"][s]
+        up, fork = seconds[(s, "upstream")], seconds[(s, "fork")]
         ratios = [u / f for u, f in zip(up, fork, strict=True)]  # same requests: time ratio = throughput ratio
         out[s] = {
             "upstream_req_s": requests / statistics.median(up), "fork_req_s": requests / statistics.median(fork),

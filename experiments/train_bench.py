@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import resource
 import statistics
-import time
+from functools import partial
 
 import torch
 
+from experiments.bench import interleaved_rounds
 from experiments.devices import Placement
 from qwen2_audio_vllm.checkpoint import TinySpec, default_dtype, make_config
 from qwen2_audio_vllm.hf import IGNORE, Qwen2AudioSwap
@@ -132,22 +133,21 @@ def measure(d: TinySpec, projectors: list[dict], place: Placement, batch: int, c
         if place.device.type == "cuda":
             torch.cuda.synchronize(place.device)
 
-    seconds: dict[str, list[float]] = {k: [] for k in cases}
     peak: dict[str, int] = dict.fromkeys(cases, 0)
+
+    def timed(label: str, _round: int) -> None:
+        if place.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(place.device)
+        for _ in range(steps):
+            step(cases[label])
+        sync()
+        if place.device.type == "cuda":
+            peak[label] = max(peak[label], torch.cuda.max_memory_allocated(place.device))
+
     for case in cases.values():  # warm-up: allocator, kernels, AdamW state
         step(case)
-    for _ in range(rounds):
-        for label, case in cases.items():
-            if place.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(place.device)
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step(case)
-            sync()
-            seconds[label].append((time.perf_counter() - t0) / steps)
-            if place.device.type == "cuda":
-                peak[label] = max(peak[label], torch.cuda.max_memory_allocated(place.device))
+    sync()
+    seconds = {k: [t / steps for t in v] for k, v in interleaved_rounds({k: partial(timed, k) for k in cases}, rounds).items()}
     first = next(iter(cases))
     llm_tokens = {k: c["ids"].numel() for k, c in cases.items()}
     out = {}

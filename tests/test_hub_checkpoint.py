@@ -127,13 +127,10 @@ def test_upstream_class_on_hub_dir_equals_fork_on_adopted(hub_tiny, speech_clips
 def test_seven_b_config_runs_the_whole_pipeline_on_the_hub_tiny(hub_tiny, tmp_path, monkeypatch):
     """`model=qwen2-audio-7b` unchanged, its directory the hub-shaped tiny model."""
     from experiments.run import run
-    from tests.test_pipeline import composed
+    from tests.test_pipeline import composed, smoke_overrides
 
     monkeypatch.setenv("QWEN2_AUDIO_7B_DIR", str(hub_tiny))
-    overrides = [
-        "experiment=smoke", "model=qwen2-audio-7b", "projector=linear", "model.engine.max_model_len=2048",
-        f"artifacts_dir={tmp_path}/artifacts", f"results_dir={tmp_path}/results", f"run_dir={tmp_path}/run",
-    ]
+    overrides = smoke_overrides(tmp_path, "model=qwen2-audio-7b", "projector=linear", "model.engine.max_model_len=2048")
     state = run(composed(overrides))
     r = state["stage_results"]
     assert list(r) == ["prepare", "align", "export", "evaluate", "bench", "report"]

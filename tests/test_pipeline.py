@@ -17,6 +17,12 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 PROJECTORS = sorted(p.stem for p in (CONF / "projector").glob("*.yaml"))
 
 
+def smoke_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    """The one-minute smoke experiment with every output under `tmp_path`."""
+    return ["experiment=smoke", *extra,
+            f"artifacts_dir={tmp_path}/artifacts", f"results_dir={tmp_path}/results", f"run_dir={tmp_path}/run"]
+
+
 def composed(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
@@ -65,10 +71,7 @@ def test_pipeline_end_to_end(tmp_path):
     then a rerun reuses every stage output."""
     from experiments.run import run
 
-    overrides = [
-        "experiment=smoke", "projector=attention", "projector.width=64", "projector.heads=1",
-        f"artifacts_dir={tmp_path}/artifacts", f"results_dir={tmp_path}/results", f"run_dir={tmp_path}/run",
-    ]
+    overrides = smoke_overrides(tmp_path, "projector=attention", "projector.width=64", "projector.heads=1")
     state = run(composed(overrides))
     r = state["stage_results"]
     assert list(r) == ["prepare", "align", "export", "evaluate", "bench", "report"]
