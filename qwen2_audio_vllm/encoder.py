@@ -71,8 +71,12 @@ def encode_frames(tower, input_features: torch.Tensor, conv_len: torch.Tensor, t
         return _encode(tower, input_features, conv_len)
     width = input_features.shape[-1]
     t_max = max(1, (int(conv_len.max()) - 2) // 2 + 1)  # pooled frames of the longest clip
+    groups = buckets(conv_len.tolist())
+    if len(groups) == 1:  # one bucket: cut the batch in place, no gather and scatter copies
+        keep = min(width, 2 * int(conv_len.max()) + MEL_MARGIN)
+        return _encode(tower, input_features[..., : keep + keep % 2], conv_len)[:, :t_max]
     out = None
-    for group in buckets(conv_len.tolist()):
+    for group in groups:
         idx = torch.tensor(group, device=input_features.device)
         keep = min(width, 2 * int(conv_len[idx].max()) + MEL_MARGIN)  # 2 * conv length >= mel length
         keep += keep % 2  # whole stride-2 steps
@@ -114,7 +118,8 @@ def _encode(tower, input_features: torch.Tensor, conv_len: torch.Tensor) -> torc
     B, T, _ = x.shape
     x = x + tower.embed_positions.weight[:T]
     padding = torch.arange(T, device=x.device)[None, :] >= conv_len.to(x.device)[:, None]  # (B, T)
-    attn = torch.zeros((B, 1, T, T), dtype=x.dtype, device=x.device)
+    # (B, 1, 1, T), broadcast over heads and queries: upstream materialises (B, 1, T, T)
+    attn = torch.zeros((B, 1, 1, T), dtype=x.dtype, device=x.device)
     attn.masked_fill_(padding[:, None, None, :], float("-inf"))
     for layer in tower.layers:
         x = layer(x, attn)
