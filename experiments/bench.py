@@ -1,5 +1,6 @@
-"""The `bench` stage (offline): one fixed request set through the variant's engine and the
-linear baseline's engine in the same run, so every variant gets ratios vs linear.
+"""The `bench` stage (offline): the variant's engine and the linear baseline's engine, both
+up, measured in alternating rounds on the same fresh request sets, so every variant gets
+ratios vs linear as a median with its min-max over rounds.
 
 Requests are real test-split speech tiled to fixed lengths (`lengths_s`), greedy with a
 fixed `max_tokens`, all submitted at t=0 (offline batch); each request's completion time
@@ -8,8 +9,10 @@ and first-token time are read off the engine's step loop.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +73,14 @@ def interleaved_seconds(variants: dict, rounds: int) -> dict[str, float]:
 
 
 class PeakMemory:
-    """Peak resident memory (GiB) of this process and its children (the engine), sampled."""
+    """Peak resident memory (GiB) of this process and its children (engines), sampled; also
+    per child, so `peak_of(pids)` gives the peak of one engine's processes."""
 
     def __init__(self, interval: float = 0.1) -> None:
         import psutil
 
         self.proc, self.peak, self.interval = psutil.Process(), 0.0, interval
+        self.per_pid: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -83,10 +88,17 @@ class PeakMemory:
         while not self._stop.is_set():
             try:
                 procs = [self.proc, *self.proc.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs) / 2**30)
+                rss = {p.pid: p.memory_info().rss / 2**30 for p in procs}
+                self.peak = max(self.peak, sum(rss.values()))
+                for pid, gib in rss.items():
+                    self.per_pid[pid] = max(self.per_pid.get(pid, 0.0), gib)
             except Exception:  # a child exited between listing and reading
                 pass
             self._stop.wait(self.interval)
+
+    def peak_of(self, pids: set[int]) -> float:
+        """Sum of the peak RSS of these processes (each sampled separately: an upper bound)."""
+        return sum(self.per_pid.get(pid, 0.0) for pid in pids)
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
@@ -128,31 +140,56 @@ def measure(llm, audios: list[np.ndarray], max_tokens: int) -> tuple[list[Reques
     return [records[str(i)] for i in range(len(audios))], duration
 
 
-def bench_engine(model_dir: Path, audios: list[np.ndarray], max_tokens: int, engine_overrides: dict) -> dict:
-    from experiments.engine import close_llm, make_llm
+def engine_pids(before: set[int]) -> set[int]:
+    """The child processes started since `before` was taken (an engine's core and workers)."""
+    import psutil
 
-    with PeakMemory() as mem:
-        llm = make_llm(model_dir, **engine_overrides)
-        try:
-            # warm-up on clips outside the measured set: a repeated clip would be served from
-            # vLLM's prefix and processor caches
-            measure(llm, [a[::-1].copy() for a in audios[:4]], max_tokens)
-            records, duration = measure(llm, audios, max_tokens)
-        finally:
-            close_llm(llm)
-    summary = summarize(records, duration, max_concurrency=engine_overrides.get("max_num_seqs", len(audios)))
-    summary["peak_rss_gib"] = mem.peak
-    return summary
+    return {c.pid for c in psutil.Process().children(recursive=True)} - before
 
 
 def bench_pair(variant_dir: Path, baseline_dir: Path, rows: list[dict], lengths_s: list[float], n: int,
-               max_tokens: int, engine_overrides: dict) -> dict:
-    """{"variant": summary, "baseline": summary, "ratio_vs_linear": {key: variant/baseline}}."""
-    audios = request_audio(rows, lengths_s, n)
-    out = {}
-    for name, d in tqdm([("baseline", baseline_dir), ("variant", variant_dir)], desc="bench", unit="engine"):
-        out[name] = bench_engine(d, audios, max_tokens, engine_overrides)
-    out["ratio_vs_linear"] = {
-        k: out["variant"][k] / out["baseline"][k] for k in RATIO_KEYS if out["baseline"].get(k)
-    }
+               max_tokens: int, engine_overrides: dict, rounds: int = 5) -> dict:
+    """The variant's and the linear baseline's engines, both up, measured in alternating
+    rounds (baseline, variant, baseline, ...; interleaved_rounds), each round one offline
+    batch of `n` fresh clips (no prefix or processor cache: a repeated clip skips the
+    encoder). Returns {"baseline"/"variant": the summary of the engine's median round (by
+    request throughput), with its processes' peak RSS; "ratio_vs_linear": {key: median of the
+    per-round variant/baseline ratios}, with "_min" / "_max" twins; "per_round": request
+    throughput per engine and round}."""
+    from experiments.engine import close_llm, make_llm
+
+    if rounds < 5:
+        raise ValueError(f"bench.rounds={rounds}: at least 5 alternating rounds, single pairs drift by ~30 % here")
+    clips = request_audio(rows, lengths_s, n * (rounds + 1))
+    batches = [clips[(k + 1) * n : (k + 2) * n] for k in range(rounds)]
+    overrides = {"enable_prefix_caching": False, "mm_processor_cache_gb": 0, **engine_overrides}
+    engines, pids = {}, {}
+    summaries: dict[str, list[dict]] = {"baseline": [], "variant": []}
+    try:
+        for name, d in tqdm([("baseline", baseline_dir), ("variant", variant_dir)], desc="bench engines", unit="engine"):
+            before = engine_pids(set())
+            engines[name] = make_llm(d, **overrides)
+            pids[name] = engine_pids(before)
+            measure(engines[name], [c[::-1].copy() for c in clips[:n]], max_tokens)  # warm-up, unmeasured clips
+        with PeakMemory() as mem:
+            def run_round(name: str, k: int) -> None:
+                records, duration = measure(engines[name], batches[k], max_tokens)
+                summaries[name].append(summarize(records, duration, max_concurrency=overrides.get("max_num_seqs", n)))
+
+            interleaved_rounds({name: partial(run_round, name) for name in summaries}, rounds)
+    finally:
+        for llm in engines.values():
+            close_llm(llm)
+    out: dict = {"rounds": rounds}
+    for name, per_round in summaries.items():
+        order = sorted(range(rounds), key=lambda k: per_round[k]["request_throughput"])
+        out[name] = per_round[order[(rounds - 1) // 2]] | {"peak_rss_gib": mem.peak_of(pids[name])}
+    out["per_round"] = {name: [r["request_throughput"] for r in per_round] for name, per_round in summaries.items()}
+    ratio, low, high = {}, {}, {}
+    for key in RATIO_KEYS:
+        per_round = [v[key] / b[key] for v, b in zip(summaries["variant"], summaries["baseline"], strict=True)
+                     if b.get(key) and v.get(key) is not None]
+        if len(per_round) == rounds:
+            ratio[key], low[key], high[key] = statistics.median(per_round), min(per_round), max(per_round)
+    out |= {"ratio_vs_linear": ratio, "ratio_vs_linear_min": low, "ratio_vs_linear_max": high}
     return out

@@ -1,4 +1,5 @@
-"""One place that starts vLLM: engine arguments per device, CPU thread binding, prompts.
+"""One place that starts vLLM: engine arguments per device (for `vllm.LLM` and, as flags,
+for `vllm serve`), CPU thread binding, prompts.
 
 Any script that builds `vllm.LLM` must run under `if __name__ == "__main__":` (the engine
 core is a spawned process).
@@ -6,6 +7,7 @@ core is a spawned process).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +29,11 @@ def _torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def quiet_vllm(verbose: bool) -> None:
+    """vLLM logs every engine start at INFO (hundreds of lines a run); verbose=true shows them."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+
+
 def cpu_binding() -> dict[str, str]:
     """Apply the CPU thread binding unless the user set it; return what is in force."""
     for key, value in CPU_BINDING.items():
@@ -35,8 +42,9 @@ def cpu_binding() -> dict[str, str]:
 
 
 def engine_kwargs(model_dir: str | Path, **overrides: Any) -> dict[str, Any]:
-    """Arguments for `vllm.LLM(**kwargs)`: float32/eager and a CPU KV-cache share on CPU,
-    bf16 on CUDA. `overrides` win (e.g. max_num_seqs, hf_overrides)."""
+    """Arguments for `vllm.LLM(**kwargs)`, and through `cli_flags` for `vllm serve`:
+    float32/eager and a CPU KV-cache share on CPU, bf16 on CUDA. `overrides` win (e.g.
+    max_num_seqs, hf_overrides); a None override keeps the default."""
     kwargs: dict[str, Any] = dict(
         model=str(model_dir),
         max_model_len=2048,
@@ -48,8 +56,25 @@ def engine_kwargs(model_dir: str | Path, **overrides: Any) -> dict[str, Any]:
     else:
         cpu_binding()
         kwargs.update(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3)
-    kwargs.update(overrides)
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return kwargs
+
+
+def cli_flags(kwargs: dict[str, Any]) -> list[str]:
+    """`engine_kwargs` as `vllm serve` arguments (the model first, then one flag per key),
+    so the online and offline engines are configured by the same function."""
+    args = [str(kwargs["model"])]
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "model" or value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (dict, list)):
+            args += [flag, json.dumps(value)]
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 def chat_prompt(tokenizer, text: str = TRANSCRIBE_PROMPT) -> str:

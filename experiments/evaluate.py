@@ -1,8 +1,13 @@
-"""The `evaluate` stage: transcribe a test manifest through vLLM (the exported checkpoint,
-served by the plugin) and score WER/CER with 95 % bootstrap intervals.
+"""Evaluate any checkpoint on any manifest: transcribe it through vLLM (the plugin serves
+the checkpoint's projector) and score WER/CER with 95 % bootstrap intervals. The `evaluate`
+stage of experiments.run calls the same function; on its own it is a Hydra app:
 
-Every utterance gets a line in `utterances.jsonl` (reference, hypothesis, normalised forms,
-or the error that stopped it); a bad clip is recorded and the evaluation goes on.
+    python -m experiments.evaluate checkpoint=DIR data.manifest=FILE [data.limit=N] [max_tokens=32]
+
+A manifest is JSONL with audio_filepath, duration, text per line. Results go to the run
+directory (outputs/evaluate/<date>/<time>/): metrics.json, and utterances.jsonl with one line
+per utterance (reference, hypothesis, normalised forms, or the error that stopped it); a bad
+clip is recorded and the evaluation goes on.
 """
 
 from __future__ import annotations
@@ -10,7 +15,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
+import hydra
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from experiments.audio import AudioError, load_audio
@@ -73,3 +81,47 @@ def evaluate(llm, rows: list[dict], out_dir: Path, max_tokens: int = 32) -> dict
     metrics["eval_seconds"] = elapsed
     metrics["eval_audio_seconds"] = sum(r["duration"] for r in rows)
     return metrics
+
+
+def evaluate_checkpoint(ckpt: Path, rows: list[dict], out_dir: Path, engine_overrides: dict[str, Any],
+                        max_tokens: int = 32) -> dict:
+    """Start an engine on `ckpt` (validated first), evaluate `rows`, stop it; metrics.json and
+    utterances.jsonl land in `out_dir`. Returns the metrics with the utterances path."""
+    from experiments.engine import close_llm, make_llm
+    from experiments.report import write_json_atomic
+
+    llm = make_llm(ckpt, **engine_overrides)
+    try:
+        metrics = evaluate(llm, rows, out_dir, max_tokens)
+    finally:
+        close_llm(llm)
+    metrics["utterances"] = str(out_dir / "utterances.jsonl")
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from experiments.data import read_manifest
+    from experiments.engine import quiet_vllm
+
+    ckpt, manifest = Path(cfg.checkpoint), Path(cfg.data.manifest)
+    if not (ckpt / "config.json").is_file():
+        raise SystemExit(f"checkpoint={ckpt} is not a checkpoint directory (no config.json); give an "
+                         "exported checkpoint (outputs/artifacts/align/*/checkpoint) or a base model directory")
+    if not manifest.is_file():
+        raise SystemExit(f"data.manifest={manifest} does not exist; give a JSONL file with audio_filepath, "
+                         "duration and text per line (experiments/data writes them)")
+    rows = read_manifest(manifest)[: cfg.data.limit or None]
+    quiet_vllm(cfg.verbose)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    m = evaluate_checkpoint(ckpt, rows, out_dir, OmegaConf.to_container(cfg.engine, resolve=True), cfg.max_tokens)
+    print(f"{ckpt} on {manifest} ({m['n_utts']} utterances, {m['n_failed']} failed): "
+          f"WER {m['wer']:.2%} [{m['wer_ci_low']:.2%}, {m['wer_ci_high']:.2%}], "
+          f"CER {m['cer']:.2%} [{m['cer_ci_low']:.2%}, {m['cer_ci_high']:.2%}] -> {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

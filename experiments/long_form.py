@@ -154,7 +154,7 @@ def with_windows(ckpt: Path, longest_samples: int, out_root: Path) -> Path:
     from transformers import Qwen2AudioConfig, WhisperFeatureExtractor
 
     from qwen2_audio_vllm import windows
-    from qwen2_audio_vllm.checkpoint import linked_checkpoint
+    from qwen2_audio_vllm.adoption import linked_checkpoint
 
     cfg = json.loads((ckpt / "config.json").read_text())
     w = windows.windowing(Qwen2AudioConfig.from_dict(cfg), WhisperFeatureExtractor.from_pretrained(ckpt))

@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from experiments.data import SyntheticSpec, build_synthetic, tokenizer_corpus
-from qwen2_audio_vllm.checkpoint import TinySpec, build_hub_tiny, build_tiny_checkpoint, cache_root
+from qwen2_audio_vllm.checkpoint import cache_root
+from qwen2_audio_vllm.tiny import TinySpec, build_hub_tiny, build_tiny_checkpoint
 
 
 def random_tiny_dir(spec: TinySpec = TinySpec()) -> Path:
@@ -83,7 +84,7 @@ def ensure_base(model: dict, manifests: dict[str, Path], artifacts: Path, traine
     import json
 
     from experiments.train import TrainerSettings
-    from qwen2_audio_vllm.checkpoint import adopt_checkpoint
+    from qwen2_audio_vllm.adoption import adopt_checkpoint
 
     if model.get("path"):
         return adopt_checkpoint(Path(model["path"]), artifacts / "base", model.get("path_env"))

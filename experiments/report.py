@@ -181,48 +181,65 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+BASELINE = "linear"  # run_name of the base's own connector at full rate: what bench ratios compare to
+
+
 def plot_pareto(
     rows: list[dict[str, Any]], path: Path, x: str = "throughput_ratio_vs_linear", y: str = "wer"
 ) -> Path:
-    """Scatter of runs (`x` vs `y`, each labelled with its "name") with the Pareto front as a step
-    line; saved as PNG at `path`. Rows lacking a numeric `x` or `y` are skipped."""
+    """`pareto_figure(rows, x, y)` saved as PNG at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pareto_figure(rows, x, y).savefig(path, format="png")
+    return path
+
+
+def pareto_figure(rows: list[dict[str, Any]], x: str = "throughput_ratio_vs_linear", y: str = "wer"):
+    """WER vs throughput ratio, one panel per (base model, data): each run a labelled point
+    with its 95 % WER CI (`wer_ci_low/high`) and the min-max over bench rounds of its ratio
+    (`throughput_ratio_min/max`) as error bars where known; the Pareto front as a step line;
+    the baseline (the linear connector, ratio 1 by construction) as a star, with a dotted line
+    at ratio 1. Rows lacking a numeric `x` or `y` are skipped."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    pts, names = [], []
+    panels: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        vx, vy = _number(row.get(x)), _number(row.get(y))
-        if isinstance(vx, int | float) and isinstance(vy, int | float):
-            pts.append((float(vx), float(vy)))
-            names.append(str(row.get("name", len(names))))
-    fig = Figure(figsize=(6, 4.5), dpi=120)
+        if all(isinstance(_number(row.get(k)), int | float) for k in (x, y)):
+            title = " / ".join(str(row[k]) for k in ("model", "data") if row.get(k)) or "runs"
+            panels.setdefault(title, []).append(row)
+    fig = Figure(figsize=(6 * max(1, len(panels)), 4.5), dpi=120)
     FigureCanvasAgg(fig)  # Agg without pyplot: no global backend switch for the caller
-    ax = fig.subplots()
-    if pts:
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], zorder=3)
-        for (px, py), name in zip(pts, names, strict=True):
-            ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        front = sorted((pts[i] for i in pareto_front(pts)), key=lambda p: p[0])
-        # steps-pre: at throughput x the best WER reachable is that of the next front point.
-        ax.plot(
-            [p[0] for p in front],
-            [p[1] for p in front],
-            drawstyle="steps-pre",
-            color="C3",
-            marker="o",
-            markerfacecolor="none",
-            markersize=11,
-            label="Pareto front",
-        )
-        ax.legend(loc="best")
-    ax.set_xlabel(f"{x} (higher is better)")
-    ax.set_ylabel(f"{y} (lower is better)")
-    ax.grid(alpha=0.3)
+    axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
+    for ax, (title, panel) in zip(axes, panels.items(), strict=False):
+        _pareto_panel(ax, panel, x, y)
+        ax.set_title(title, fontsize=10)
+    for ax in axes:
+        ax.set_xlabel(f"{x} (higher is better)")
+        ax.set_ylabel(f"{y} (lower is better)")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return fig
+
+
+def _pareto_panel(ax, rows: list[dict[str, Any]], x: str, y: str) -> None:
+    pts = [(float(_number(r[x])), float(_number(r[y]))) for r in rows]
+    for (px, py), row in zip(pts, rows, strict=True):
+        lo_y, hi_y = _number(row.get(f"{y}_ci_low")), _number(row.get(f"{y}_ci_high"))
+        lo_x, hi_x = _number(row.get("throughput_ratio_min")), _number(row.get("throughput_ratio_max"))
+        yerr = [[py - lo_y], [hi_y - py]] if isinstance(lo_y, int | float) and isinstance(hi_y, int | float) else None
+        xerr = [[px - lo_x], [hi_x - px]] if isinstance(lo_x, int | float) and isinstance(hi_x, int | float) else None
+        is_base = row.get("name") == BASELINE
+        ax.errorbar(px, py, xerr=xerr, yerr=yerr, fmt="*" if is_base else "o", markersize=12 if is_base else 6,
+                    color="C1" if is_base else "C0", ecolor="0.6", capsize=3, zorder=3)
+        label = f"{row.get('name', '?')} (baseline)" if is_base else str(row.get("name", "?"))
+        ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axvline(1.0, color="C1", linestyle=":", linewidth=1, label="baseline throughput (linear)")
+    front = sorted((pts[i] for i in pareto_front(pts)), key=lambda p: p[0])
+    # steps-pre: at throughput x the best WER reachable is that of the next front point.
+    ax.plot([p[0] for p in front], [p[1] for p in front], drawstyle="steps-pre", color="C3", marker="o",
+            markerfacecolor="none", markersize=11, label="Pareto front")
+    ax.legend(loc="best", fontsize=8)
 
 
 def log_wandb(

@@ -53,7 +53,7 @@ def projector_block(cfg: DictConfig, base_dir: Path) -> dict:
 
     base = load_config(base_dir)
     node = OmegaConf.to_container(cfg.projector, resolve=True)
-    module = projectors.from_hydra(node, base.audio_config.d_model, base.text_config.hidden_size)
+    module = projectors.build_projector(node, base.audio_config.d_model, base.text_config.hidden_size)
     return projectors.projector_block(module)
 
 
@@ -162,8 +162,7 @@ def _engine_overrides(cfg: DictConfig) -> dict:
 
 def evaluate(cfg: DictConfig, state: dict) -> dict:
     from experiments.data import read_manifest
-    from experiments.engine import close_llm, make_llm
-    from experiments.evaluate import evaluate as run_eval
+    from experiments.evaluate import evaluate_checkpoint
 
     ckpt = Path(state["checkpoint"])
     rows = read_manifest(state["manifests"]["test"])
@@ -174,16 +173,7 @@ def evaluate(cfg: DictConfig, state: dict) -> dict:
     done = out / "metrics.json"
     if done.exists() and not forced(cfg, "evaluate"):
         return json.loads(done.read_text()) | {"reused": True}
-    llm = make_llm(ckpt, **_engine_overrides(cfg))
-    try:
-        metrics = run_eval(llm, rows, out)
-    finally:
-        close_llm(llm)
-    from experiments.report import write_json_atomic
-
-    metrics["utterances"] = str(out / "utterances.jsonl")
-    write_json_atomic(done, metrics)
-    return metrics
+    return evaluate_checkpoint(ckpt, rows, out, _engine_overrides(cfg))
 
 
 def bench(cfg: DictConfig, state: dict) -> dict:
@@ -198,7 +188,8 @@ def bench(cfg: DictConfig, state: dict) -> dict:
     if done.exists() and not forced(cfg, "bench"):
         return json.loads(done.read_text()) | {"reused": True}
     overrides = _engine_overrides(cfg) | {"max_num_seqs": b["max_num_seqs"]}
-    result = bench_pair(ckpt, base, read_manifest(state["manifests"]["test"]), b["lengths_s"], b["requests"], b["max_tokens"], overrides)
+    result = bench_pair(ckpt, base, read_manifest(state["manifests"]["test"]), b["lengths_s"], b["requests"],
+                        b["max_tokens"], overrides, rounds=b["rounds"])
     from experiments.report import write_json_atomic
 
     write_json_atomic(done, result)
@@ -303,7 +294,7 @@ def report(cfg: DictConfig, state: dict) -> dict:
 
 def run_name(cfg: DictConfig) -> str:
     p = OmegaConf.to_container(cfg.projector, resolve=True)
-    name = p["_target_"].rsplit(".", 1)[-1].replace("Projector", "").lower()
+    name = p["name"]
     extras = [f"{k}{v}" for k, v in p.items() if k in ("stack",) and v != 1]
     if p.get("downsample") == "queries":
         extras.append(f"q{p['queries']}w{p['window']}")
@@ -315,6 +306,7 @@ def results_row(cfg: DictConfig, state: dict) -> dict:
     ev, be, ex, al = r.get("evaluate", {}), r.get("bench", {}), r.get("export", {}), r.get("align", {})
     lf = r.get("long_form", {})
     variant, ratio = be.get("variant", {}), be.get("ratio_vs_linear", {})
+    low, high = be.get("ratio_vs_linear_min", {}), be.get("ratio_vs_linear_max", {})
     return {
         "name": run_name(cfg),
         "model": cfg.model.name,
@@ -327,6 +319,7 @@ def results_row(cfg: DictConfig, state: dict) -> dict:
         "latency_p50_s": variant.get("latency_p50_s"),
         "audio_tokens_per_request": variant.get("avg_audio_tokens_per_request"),
         "throughput_ratio_vs_linear": ratio.get("request_throughput"),
+        "throughput_ratio_min": low.get("request_throughput"), "throughput_ratio_max": high.get("request_throughput"),
         "latency_p50_ratio_vs_linear": ratio.get("latency_p50_s"),
         "long_form_wer_segments": lf.get("segments", {}).get("wer"),
         "long_form_wer_whole": lf.get("whole", {}).get("wer"),
@@ -351,12 +344,10 @@ def run(cfg: DictConfig) -> dict:
 
     Under `torchrun --nproc_per_node N` every process runs prepare and align (data-parallel
     training); process 0 alone runs the other stages."""
-    import os
-
     from experiments import devices
+    from experiments.engine import quiet_vllm
 
-    # vLLM logs every engine start at INFO (hundreds of lines a run); verbose=true shows them
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if cfg.verbose else "WARNING")
+    quiet_vllm(cfg.verbose)
     unknown = set(cfg.stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; expected a subset of {list(STAGES)}")

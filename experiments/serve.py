@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from experiments.engine import cpu_binding, has_cuda
+from experiments.engine import cli_flags, cpu_binding, engine_kwargs, has_cuda
 
 
 def free_port() -> int:
@@ -30,33 +30,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# keys of the `serve` config that are about the server process, not the engine
+SERVER_KEYS = ("name", "port", "startup_timeout_s")
+
+
 def serve_args(model_dir: Path, port: int, engine: dict[str, Any]) -> list[str]:
-    """The `vllm serve` command line for a checkpoint and the `serve` config knobs."""
+    """The `vllm serve` command line: the offline engine's arguments (engine.engine_kwargs,
+    with the `serve` config's knobs) as flags, bound to loopback."""
     vllm = shutil.which("vllm", path=str(Path(sys.executable).parent)) or "vllm"
-    args = [vllm, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-            "--max-model-len", str(engine.get("max_model_len", 2048)),
-            "--limit-mm-per-prompt", '{"audio": 1}', "--seed", "0"]
-    if has_cuda():
-        args += ["--dtype", "bfloat16"]
-    else:
-        args += ["--dtype", "float32", "--enforce-eager"]
-    flags = {
-        "max_num_seqs": "--max-num-seqs",
-        "max_num_batched_tokens": "--max-num-batched-tokens",
-        "kv_cache_dtype": "--kv-cache-dtype",
-        "gpu_memory_utilization": "--gpu-memory-utilization",
-        # past one GPU: vLLM's own parallelism (model.engine / serve config)
-        "tensor_parallel_size": "--tensor-parallel-size",
-        "data_parallel_size": "--data-parallel-size",
-    }
-    util = engine.get("gpu_memory_utilization") or (0.85 if has_cuda() else 0.3)
-    for key, flag in flags.items():
-        value = util if key == "gpu_memory_utilization" else engine.get(key)
-        if value is not None:
-            args += [flag, str(value)]
-    if engine.get("enable_chunked_prefill") is not None:
-        args.append("--enable-chunked-prefill" if engine["enable_chunked_prefill"] else "--no-enable-chunked-prefill")
-    return args
+    knobs = {k: v for k, v in engine.items() if k not in SERVER_KEYS}
+    return [vllm, "serve", *cli_flags(engine_kwargs(model_dir, **knobs)), "--host", "127.0.0.1", "--port", str(port)]
 
 
 class ServerError(RuntimeError):

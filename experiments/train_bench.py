@@ -28,8 +28,9 @@ import torch
 
 from experiments.bench import interleaved_rounds
 from experiments.devices import Placement
-from qwen2_audio_vllm.checkpoint import TinySpec, default_dtype, make_config
+from qwen2_audio_vllm.checkpoint import default_dtype
 from qwen2_audio_vllm.hf import IGNORE, Qwen2AudioSwap
+from qwen2_audio_vllm.tiny import TinySpec, make_config
 
 PROMPT_TOKENS = 24  # the chat prompt around the audio placeholder, about what chat_prompt gives
 

@@ -3,8 +3,8 @@
     build_projector({"name": "mlp", "stack": 2}, in_dim=1280, out_dim=4096)
     projector_block(module) -> {"name": "mlp", "in_dim": 1280, ..., "stack": 2}
 
-The block is what a checkpoint's config.json stores under "projector"; Hydra configs in
-conf/projector/ name the same classes through `_target_` (see `from_hydra`).
+The block is what a checkpoint's config.json stores under "projector"; a Hydra node of
+conf/projector/ is such a block (`name:` + hyper-parameters), built by the same function.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ __all__ = [
     "MLPProjector",
     "Projector",
     "build_projector",
-    "from_hydra",
     "projector_block",
 ]
 
@@ -61,14 +60,3 @@ def build_projector(block: Mapping[str, Any], in_dim: int, out_dim: int) -> Proj
 def projector_block(projector: Projector) -> dict[str, Any]:
     """The config.json "projector" block that rebuilds `projector`."""
     return {"name": projector.name, **projector.hparams}
-
-
-def from_hydra(cfg: Mapping[str, Any], in_dim: int, out_dim: int) -> Projector:
-    """Instantiate a conf/projector/*.yaml node (`_target_` + hyper-parameters)."""
-    params = dict(cfg)
-    target = params.pop("_target_", None)
-    by_target = {f"{c.__module__}.{c.__name__}": n for n, c in PROJECTORS.items()}
-    by_target.update({f"projectors.{c.__name__}": n for n, c in PROJECTORS.items()})
-    if target not in by_target:
-        raise ValueError(f"unknown projector _target_ {target!r}; expected one of {sorted(by_target)}")
-    return build_projector({"name": by_target[target], **params}, in_dim, out_dim)

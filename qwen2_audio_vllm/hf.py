@@ -181,14 +181,9 @@ def clip_embeddings(model: Qwen2AudioSwap, processor, audios: list) -> list[torc
     feats = fe(flat, sampling_rate=fe.sampling_rate, return_attention_mask=True,
                padding="max_length", return_tensors="pt")
     frames, pooled = model.encode_audio(feats["input_features"], feats["attention_mask"])
-    start = torch.tensor([0 if j == 0 else w.drop for clip in split for j in range(len(clip))])
-    frames = torch.stack([torch.roll(f, -int(s), 0) for f, s in zip(frames, start, strict=True)])
-    per_window = model.project(frames, (pooled - start).clamp(min=0))
-    out, i = [], 0
-    for clip in split:
-        out.append(torch.cat(per_window[i : i + len(clip)]))
-        i += len(clip)
-    return out
+    num_windows = [len(clip) for clip in split]
+    frames, kept = windows.drop_overlap(frames, pooled, windows.first_kept(num_windows, w))
+    return windows.join(model.project(frames, kept), num_windows)
 
 
 @torch.no_grad()

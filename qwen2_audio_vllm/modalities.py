@@ -13,9 +13,10 @@ config.json declares them beside the audio "projector" block:
 A request carries `multi_modal_data={"m1": tensor (n, 768) or a list of them, "m2": ...}`
 and its prompt holds one `<|M1|>` per m1 item; vLLM (the fork) and the HF twin replace that
 token by the item's `projector.output_lengths(n)` projected rows. The projectors are the
-`projectors/` families, weights under `modality_projectors.<name>.*`. `add_modalities`
-turns any checkpoint into one with extra modalities (new placeholder tokens, freshly
-initialised projectors). Pure torch: no vLLM import.
+`projectors/` families, weights under `modality_projectors.<name>.*`.
+`derive.add_modalities` turns any checkpoint into one with extra modalities (new
+placeholder tokens, freshly initialised projectors). Pure torch: no vLLM import, and no
+import of checkpoint code (derive.py and checkpoint.py import this module).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -137,89 +137,3 @@ def check_embeddings(modality: Modality, data: Any) -> list[torch.Tensor]:
                 "in config.json for longer inputs)"
             )
     return items
-
-
-def add_modalities(
-    src_dir: str | Path, out_dir: str | Path, specs: Mapping[str, Mapping[str, Any]], seed: int = 0
-) -> Path:
-    """A copy of checkpoint `src_dir` with extra modalities, e.g.
-    `{"m2": {"in_dim": 512, "projector": {"name": "linear"}}}` (optional: "token",
-    default `<|M2|>`; "max_len"). Each gets a new special placeholder token and a freshly
-    initialised (seeded) projector. `src_dir` is a checkpoint this repo reads (one
-    model.safetensors with a "projector" block; for a released 7B directory use
-    adopt_checkpoint first, and expect a float32 copy). When a token id lands past the LLM vocabulary, the
-    embedding and output rows grow by copies of `<|AUDIO|>`'s rows: a placeholder's
-    embedding is always replaced, and like `<|AUDIO|>` it was never a training target, so a
-    trained model does not emit it."""
-    from qwen2_audio_vllm.checkpoint import load_model, load_processor, save_checkpoint
-
-    for name, spec in specs.items():  # before loading anything
-        if missing := {"in_dim", "projector"} - set(spec):
-            raise ValueError(f"modality {name!r} needs {sorted(missing)}, e.g. {{'in_dim': 768, 'projector': {{'name': 'linear'}}}}")
-    processor = load_processor(src_dir)
-    tokenizer = processor.tokenizer
-    model = load_model(src_dir)
-    config = model.config
-    block = dict(getattr(config, "modalities", None) or {})
-    tokens = {name: spec.get("token", f"<|{name.upper()}|>") for name, spec in specs.items()}
-    known = set(tokenizer.get_vocab())
-    if clash := sorted(set(block) & set(specs)) or sorted(t for t in tokens.values() if t in known):
-        raise ValueError(f"{src_dir} already has {clash}; pick new modality names and tokens")
-    tokenizer.add_tokens(list(tokens.values()), special_tokens=True)
-    for name, spec in specs.items():
-        block[name] = {
-            "in_dim": spec["in_dim"],
-            "token": tokens[name],
-            "token_id": tokenizer.convert_tokens_to_ids(tokens[name]),
-            "max_len": spec.get("max_len", DEFAULT_MAX_LEN),
-            "projector": dict(spec["projector"]),
-        }
-    _grow_vocab(model, len(tokenizer))
-    config.modalities = block
-    modality_specs(config)  # validate before building
-    torch.manual_seed(seed)
-    fresh = build_modality_projectors(config)
-    if hasattr(model, "modality_projectors"):
-        for name, projector in model.modality_projectors.items():
-            fresh[name] = projector  # existing modalities keep their weights
-    model.modality_projectors = fresh
-    return save_checkpoint(model, processor, out_dir)
-
-
-def _grow_vocab(model: nn.Module, size: int) -> None:
-    lm = model.language_model
-    old = lm.get_input_embeddings().weight.shape[0]
-    if size <= old:
-        return  # the released 7B model's vocabulary has spare rows
-    audio = model.config.audio_token_id
-    lm.resize_token_embeddings(size, mean_resizing=False)
-    with torch.no_grad():
-        for weight in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight):
-            weight[old:] = weight[audio]
-
-
-def main() -> None:
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(
-        description="Copy a checkpoint, adding extra embedding modalities (placeholder tokens, "
-        "freshly initialised projectors).",
-        epilog='example: python -m qwen2_audio_vllm.modalities SRC OUT --spec \'{"m1": {"in_dim": 768, '
-        '"projector": {"name": "mlp"}}, "m2": {"in_dim": 512, "projector": {"name": "linear"}}}\'',
-    )
-    parser.add_argument("src", type=Path)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--spec", required=True, help="JSON: {name: {in_dim, projector, [token], [max_len]}}")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    out = add_modalities(args.src, args.out, json.loads(args.spec), seed=args.seed)
-    from qwen2_audio_vllm.checkpoint import load_config
-
-    for m in modality_specs(load_config(out)).values():
-        print(f"{m.name}: ({m.in_dim}-wide rows) -> {m.projector['name']} projector, placeholder {m.token} (id {m.token_id})")
-    print(out)
-
-
-if __name__ == "__main__":
-    main()

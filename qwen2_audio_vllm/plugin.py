@@ -12,7 +12,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, f"qwen2_audio_vllm.model:{ARCHITECTURE}")
+        ModelRegistry.register_model(ARCHITECTURE, f"qwen2_audio_vllm.served:{ARCHITECTURE}")
     _undecodable_audio_is_a_client_error()
 
 

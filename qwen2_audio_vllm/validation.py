@@ -4,7 +4,7 @@ loader. Torch and projectors only: vLLM workers import this, never the training 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -55,3 +55,24 @@ def projector_blocks(config: Qwen2AudioConfig) -> list[tuple[Mapping[str, Any], 
     """(config.json block, weight-name prefix) for the audio projector and each extra modality's."""
     blocks = [(config.projector, "multi_modal_projector.")]
     return blocks + [(m.projector, m.prefix) for m in modality_specs(config).values()]
+
+
+def checked_projector_weights(
+    config: Qwen2AudioConfig, weights: Iterable[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass `weights` through, raising as soon as a projector tensor (audio or an extra
+    modality's) does not fit config.json, and at the end if one is missing: the vLLM loader
+    would otherwise fail with an assertion that names neither shape. The expected shapes come
+    from config.json on the meta device, so a projector vLLM skipped (its modality's limit
+    being 0) is still checked."""
+    blocks = projector_blocks(config)
+    expected = declared_projector_shapes(config)
+    found: dict[str, torch.Size] = {}
+    for name, tensor in weights:
+        for block, prefix in blocks:
+            if name.startswith(prefix):
+                found[name] = tensor.shape
+                check_projector_weights(block, expected, found, partial=True, prefix=prefix)
+        yield name, tensor
+    for block, prefix in blocks:
+        check_projector_weights(block, expected, found, prefix=prefix)

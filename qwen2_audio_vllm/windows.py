@@ -5,12 +5,14 @@ config.json may carry `"long_audio": {"window_s": 30, "overlap_s": 0.0, "max_win
 A clip of n samples becomes windows starting every `window - overlap` seconds; each window
 is padded to the encoder's input length as usual. With overlap, the encoder of a window
 sees `overlap_s` of left context, and its first `overlap_s * 25` pooled frames are dropped
-before the projector so no stretch of audio is represented twice. The vLLM fork and the HF
-twin both use these functions, so their token counts agree.
+before the projector so no stretch of audio is represented twice. The vLLM fork
+(extensions/long_audio.py) and the HF twin (hf.clip_embeddings) both use these functions,
+so their token counts and embeddings agree.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,11 +65,32 @@ def split(audio: np.ndarray, w: Windowing) -> list[np.ndarray]:
     return [audio[i * w.hop : i * w.hop + w.window] for i in range(n)]
 
 
-def kept_frames(pooled_lengths: torch.Tensor, num_windows: list[int], w: Windowing) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per window (flattened over clips): (first kept pooled frame, kept frame count)."""
-    first = torch.zeros_like(pooled_lengths)
-    start = 0
-    for n in num_windows:
-        first[start + 1 : start + n] = w.drop
-        start += n
-    return first, (pooled_lengths - first).clamp(min=0)
+def first_kept(num_windows: Sequence[int], w: Windowing) -> torch.Tensor:
+    """Per window, flattened over clips: the first pooled frame it keeps (0 in a clip's
+    first window, `w.drop` in the later ones, whose start overlaps the previous window)."""
+    return torch.tensor([0 if j == 0 else w.drop for n in num_windows for j in range(n)], dtype=torch.long)
+
+
+def kept_counts(pooled: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Pooled frames each window keeps: its real ones from `start` on."""
+    return (pooled - start.to(pooled.device)).clamp(min=0)
+
+
+def drop_overlap(
+    frames: torch.Tensor, pooled: torch.Tensor, start: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(windows, T, d) pooled encoder frames with `pooled` real ones each -> the same frames
+    shifted left by each window's `start` (on the CPU), and the count each keeps. Frames
+    shifted in at the end lie past the kept count, where the projector's mask ignores them."""
+    kept = kept_counts(pooled, start)
+    if not bool(start.any()):
+        return frames, kept
+    start = start.to(frames.device)
+    index = (torch.arange(frames.shape[1], device=frames.device)[None, :] + start[:, None]) % frames.shape[1]
+    return frames.gather(1, index[:, :, None].expand(-1, -1, frames.shape[2])), kept
+
+
+def join(per_window: Sequence[torch.Tensor], num_windows: Sequence[int]) -> list[torch.Tensor]:
+    """Each clip's tokens: its consecutive windows' tokens, concatenated."""
+    ends = np.cumsum([0, *num_windows])
+    return [torch.cat(list(per_window[a:b])) for a, b in zip(ends[:-1], ends[1:], strict=True)]

@@ -16,14 +16,8 @@ from transformers import Qwen2AudioProcessor, Qwen2TokenizerFast
 from experiments.audio import load_audio
 from experiments.data import tokenizer_corpus
 from projectors import LinearProjector, MLPProjector
-from qwen2_audio_vllm.checkpoint import (
-    SPECIAL_TOKENS,
-    WEIGHTS,
-    TinySpec,
-    build_tiny_checkpoint,
-    load_config,
-    load_model,
-)
+from qwen2_audio_vllm.checkpoint import SPECIAL_TOKENS, WEIGHTS, load_config, load_model
+from qwen2_audio_vllm.tiny import TinySpec, build_tiny_checkpoint
 
 SPEC = TinySpec()
 HUB_PREFIXES = ("audio_tower.", "multi_modal_projector.", "language_model.model.")
@@ -181,10 +175,10 @@ def test_vllm_workers_never_import_the_training_twin():
     import sys
     from pathlib import Path
 
-    code = ("import sys, qwen2_audio_vllm.model; "
+    code = ("import sys, qwen2_audio_vllm.served; "
             "print(sorted(m for m in sys.modules if m.startswith('qwen2_audio_vllm')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     loaded = out.strip().splitlines()[-1]
-    assert "qwen2_audio_vllm.model" in loaded and "qwen2_audio_vllm.validation" in loaded
+    assert "qwen2_audio_vllm.model" in loaded and "qwen2_audio_vllm.extensions.long_audio" in loaded
     assert "qwen2_audio_vllm.hf" not in loaded and "qwen2_audio_vllm.checkpoint" not in loaded

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from experiments.engine import EmbedAudio, audio_request, chat_prompt, close_llm, make_llm
-from qwen2_audio_vllm.checkpoint import derive_checkpoint, load_model, load_processor
+from qwen2_audio_vllm.checkpoint import load_model, load_processor
+from qwen2_audio_vllm.derive import derive_checkpoint
 from qwen2_audio_vllm.encoder import output_lengths as encoder_lengths
 from qwen2_audio_vllm.hf import greedy_transcribe
 

@@ -12,8 +12,9 @@ import torch
 from experiments.cache import encoder_frames
 from experiments.engine import EmbedModality, audio_request, chat_prompt, close_llm, make_llm
 from qwen2_audio_vllm.checkpoint import load_model, load_processor, save_checkpoint
+from qwen2_audio_vllm.derive import add_modalities
 from qwen2_audio_vllm.hf import STOP_TOKENS, clip_embeddings
-from qwen2_audio_vllm.modalities import add_modalities, modality_specs
+from qwen2_audio_vllm.modalities import modality_specs
 
 pytestmark = pytest.mark.engine
 

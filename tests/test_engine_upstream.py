@@ -12,11 +12,11 @@ from vllm import SamplingParams
 from experiments.engine import audio_request, chat_prompt, close_llm, engine_kwargs, make_llm
 from qwen2_audio_vllm.checkpoint import (
     UPSTREAM_ARCHITECTURE,
-    derive_checkpoint,
     load_model,
     load_processor,
     validate_checkpoint,
 )
+from qwen2_audio_vllm.derive import derive_checkpoint
 
 pytestmark = pytest.mark.engine
 GREEDY = SamplingParams(max_tokens=16, temperature=0)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from experiments.engine import audio_request, chat_prompt, close_llm, make_llm
-from qwen2_audio_vllm.checkpoint import derive_checkpoint, load_model, load_processor
+from qwen2_audio_vllm.checkpoint import load_model, load_processor
+from qwen2_audio_vllm.derive import derive_checkpoint
 
 pytestmark = pytest.mark.engine
 

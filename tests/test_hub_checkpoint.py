@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from qwen2_audio_vllm.adoption import adopt_checkpoint
 from qwen2_audio_vllm.checkpoint import (
     ARCHITECTURE,
     HUB_FILES,
     UPSTREAM_ARCHITECTURE,
     WEIGHTS_INDEX,
-    adopt_checkpoint,
     load_model,
     load_processor,
     save_checkpoint,

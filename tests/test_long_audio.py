@@ -11,7 +11,8 @@ import torch
 
 from experiments.engine import audio_request, chat_prompt, close_llm, make_llm
 from qwen2_audio_vllm import windows
-from qwen2_audio_vllm.checkpoint import derive_checkpoint, load_model, load_processor
+from qwen2_audio_vllm.checkpoint import load_model, load_processor
+from qwen2_audio_vllm.derive import derive_checkpoint
 from qwen2_audio_vllm.hf import clip_embeddings, greedy_transcribe
 
 

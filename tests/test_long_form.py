@@ -118,6 +118,18 @@ def test_cli_transcribes_a_long_file_whole(long_clip, tiny_base, tmp_path):
     lines = [line for line in run.stdout.splitlines() if line.startswith(str(path))]
     assert len(lines) == 1 and len(lines[0].split("\t")) == 2
     assert json_windows(tmp_path / "outputs" / "long_form") == [3]
+    # the printed text is the whole file's transcript: the twin's greedy decoding over the
+    # same three windows of the checkpoint the command derived
+    from experiments.engine import chat_prompt
+    from qwen2_audio_vllm.checkpoint import load_model, load_processor
+    from qwen2_audio_vllm.hf import greedy_transcribe
+
+    (windowed,) = sorted((tmp_path / "outputs" / "long_form").iterdir())
+    model, processor = load_model(windowed), load_processor(windowed)
+    tokens, counts = greedy_transcribe(model, processor, [long_clip[0]], chat_prompt(processor.tokenizer), max_new_tokens=8)
+    expected = processor.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+    assert counts[0] > 1500 and expected  # three windows' worth of audio tokens, some text
+    assert lines[0].split("\t")[1] == expected
 
 
 def json_windows(root):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from qwen2_audio_vllm.checkpoint import load_model, load_processor, validate_checkpoint
-from qwen2_audio_vllm.modalities import Modality, add_modalities, check_embeddings, modality_specs
+from qwen2_audio_vllm.derive import add_modalities
+from qwen2_audio_vllm.modalities import Modality, check_embeddings, modality_specs
 
 SPECS = {
     "m1": {"in_dim": 768, "projector": {"name": "mlp", "stack": 2}},

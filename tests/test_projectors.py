@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 from projectors import (
-    AttentionProjector,
     LinearProjector,
-    MLPProjector,
     build_projector,
-    from_hydra,
     projector_block,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 IN_DIM, OUT_DIM = 16, 24
 LENGTHS = (1, 2, 3, 7, 75, 750)  # pooled encoder frames per clip (25/s: 40 ms .. 30 s)
 SMALL_ATTENTION = dict(width=32, layers=2, heads=4)
@@ -220,33 +219,19 @@ def test_bad_hyperparameters_raise_value_error(block, message):
         build_projector(block, IN_DIM, OUT_DIM)
 
 
-@pytest.mark.parametrize("target", ["projectors.MLPProjector", "projectors.mlp.MLPProjector"])
-def test_from_hydra(target):
-    proj = from_hydra({"_target_": target, "stack": 2, "activation": "swiglu"}, IN_DIM, OUT_DIM)
-    assert isinstance(proj, MLPProjector)
-    assert (proj.stack, proj.activation, proj.in_dim, proj.out_dim) == (
-        2,
-        "swiglu",
-        IN_DIM,
-        OUT_DIM,
-    )
+@pytest.mark.parametrize("yaml", sorted((ROOT / "conf" / "projector").glob("*.yaml")), ids=lambda p: p.stem)
+def test_hydra_projector_configs_are_config_json_blocks(yaml):
+    """conf/projector/*.yaml nodes are config.json "projector" blocks (one mechanism:
+    build_projector), and the block of the built module rebuilds the same projector."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-
-def test_from_hydra_attention():
-    node = {
-        "_target_": "projectors.AttentionProjector",
-        "stack": 2,
-        **SMALL_ATTENTION,
-    }
-    proj = from_hydra(node, IN_DIM, OUT_DIM)
-    assert isinstance(proj, AttentionProjector)
-    assert proj.output_lengths(torch.tensor([75])).tolist() == [38]
-
-
-@pytest.mark.parametrize("target", ["projectors.Nope", "torch.nn.Linear", None])
-def test_from_hydra_bad_target(target):
-    with pytest.raises(ValueError, match="unknown projector _target_"):
-        from_hydra({"_target_": target} if target else {"stack": 2}, IN_DIM, OUT_DIM)
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        node = OmegaConf.to_container(compose("config", [f"projector={yaml.stem}"]).projector, resolve=True)
+    proj = build_projector(node, IN_DIM, OUT_DIM)
+    resolved = {k: v for k, v in node.items() if k != "name" and not (k == "hidden_dim" and v == 0)}  # 0: LLM width
+    assert proj.name == node["name"] and all(proj.hparams[k] == v for k, v in resolved.items())
+    assert build_projector(projector_block(proj), IN_DIM, OUT_DIM).hparams == proj.hparams
 
 
 @pytest.mark.parametrize("block", CASES)

@@ -4,11 +4,13 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments.report import (
     append_results_row,
     log_wandb,
+    pareto_figure,
     pareto_front,
     plot_pareto,
     run_metadata,
@@ -75,14 +77,26 @@ def test_pareto_front():
     assert pareto_front([]) == []
 
 
-def test_plot_pareto_writes_png(tmp_path):
+def test_plot_pareto_panels_baseline_and_error_bars(tmp_path):
     rows = [
-        {"name": "linear", "throughput_ratio_vs_linear": "1.0", "wer": "0.05"},
-        {"name": "stack4", "throughput_ratio_vs_linear": 2.5, "wer": 0.06},
-        {"name": "broken", "throughput_ratio_vs_linear": "", "wer": 0.5},
+        {"name": "linear", "model": "tiny", "data": "synthetic", "throughput_ratio_vs_linear": "1.0", "wer": "0.05",
+         "wer_ci_low": "0.03", "wer_ci_high": "0.07", "throughput_ratio_min": "0.9", "throughput_ratio_max": "1.1"},
+        {"name": "mlp-stack4", "model": "tiny", "data": "synthetic", "throughput_ratio_vs_linear": 2.5, "wer": 0.06},
+        {"name": "broken", "model": "tiny", "data": "synthetic", "throughput_ratio_vs_linear": "", "wer": 0.5},
+        {"name": "linear", "model": "small", "data": "synthetic", "throughput_ratio_vs_linear": 1.0, "wer": 0.2},
     ]
-    path = plot_pareto(rows, tmp_path / "pareto.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = pareto_figure(rows)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["tiny / synthetic", "small / synthetic"]  # one panel per base model and data
+    tiny = fig.axes[0]
+    labels = sorted(t.get_text() for t in tiny.texts)
+    assert labels == ["linear (baseline)", "mlp-stack4"]  # the row without a ratio is skipped
+    markers = [line.get_marker() for line in tiny.lines if line.get_linestyle() == "None"]
+    assert "*" in markers and "o" in markers  # the baseline is a star, the others dots
+    bars = [c for c in tiny.collections if c.get_segments()]
+    spans = sorted(tuple(float(np.round(np.ptp(seg[:, i]), 3)) for i in (0, 1)) for c in bars for seg in c.get_segments())
+    assert (0.2, 0.0) in spans and (0.0, 0.04) in spans  # ratio min-max and WER CI of the baseline
+    assert plot_pareto(rows, tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_log_wandb_offline_writes_run_dir(tmp_path, monkeypatch):

@@ -136,8 +136,8 @@ def test_token_budget_align_runs_and_exports(tiny_base, data, tmp_path):
 def test_train_bench_stage_measures_every_projector_and_estimates(tmp_path):
     from experiments.run import run
     from experiments.train_bench import encoder_params, llm_params
-    from qwen2_audio_vllm.checkpoint import TinySpec, make_config
     from qwen2_audio_vllm.hf import Qwen2AudioSwap
+    from qwen2_audio_vllm.tiny import TinySpec, make_config
     from tests.test_pipeline import composed
 
     cfg = composed(["stages=[train_bench]", "logger=none", "train_bench.rounds=2", "train_bench.steps=1",
@@ -165,8 +165,8 @@ def test_seven_b_estimate_counts_the_real_architecture():
     from omegaconf import OmegaConf
 
     from experiments.train_bench import encoder_params, estimate, llm_params
-    from qwen2_audio_vllm.checkpoint import TinySpec, make_config
     from qwen2_audio_vllm.hf import Qwen2AudioSwap
+    from qwen2_audio_vllm.tiny import TinySpec, make_config
     from tests.test_pipeline import CONF
 
     d = TinySpec(**OmegaConf.load(CONF / "model" / "qwen2-audio-7b-random.yaml").dims)

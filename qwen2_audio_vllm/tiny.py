@@ -1,0 +1,166 @@
+"""The tiny default model: a small random-weight Qwen2-Audio built offline (own byte-level
+BPE tokenizer trained on the corpus text, Whisper feature extractor, chat template),
+deterministic given its `TinySpec`. `build_tiny_checkpoint` writes it in this repo's
+checkpoint format; `build_hub_tiny` writes the same kind of model in exactly the layout of
+`Qwen/Qwen2-Audio-7B-Instruct` on the hub (upstream architecture, no projector block,
+bfloat16 shards with model.safetensors.index.json, preprocessor_config.json, vocab.json +
+merges.txt), so the real model's path (adopt -> align -> export -> serve) runs on CPU.
+`make_config` also gives the config of any dims (conf/model/*.yaml `dims:`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    Qwen2AudioConfig,
+    Qwen2AudioProcessor,
+    Qwen2TokenizerFast,
+    WhisperFeatureExtractor,
+)
+
+from qwen2_audio_vllm.checkpoint import SPECIAL_TOKENS, save_checkpoint
+from qwen2_audio_vllm.hf import Qwen2AudioSwap
+
+# Qwen2-Audio-Instruct's chat layout without the default system turn. Content is a string
+# (vLLM's offline prompts put "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>" in it) or a
+# list of OpenAI parts, where each audio part renders as that same placeholder line.
+CHAT_TEMPLATE = (
+    "{% set audio = namespace(n=0) %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] in ['audio', 'audio_url', 'input_audio'] %}{% set audio.n = audio.n + 1 %}"
+    "Audio {{ audio.n }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinySpec:
+    """Sizes of the tiny default model. vLLM CPU attention needs LLM head_dim >= 64;
+    chunk_length=30 / 1500 positions keeps it loadable by upstream vLLM's own class."""
+
+    version: int = 2  # bump when the tokenizer, template or layout changes: new cache key
+    seed: int = 0
+    n_mels: int = 80
+    chunk_length: int = 30
+    encoder_dim: int = 128
+    encoder_layers: int = 2
+    encoder_heads: int = 2
+    encoder_ffn: int = 512
+    text_dim: int = 128
+    text_layers: int = 2
+    text_heads: int = 2
+    text_ffn: int = 512
+    vocab_size: int = 1000
+    projector: tuple[tuple[str, Any], ...] = (("name", "linear"), ("stack", 1))
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int) -> Qwen2TokenizerFast:
+    """Byte-level BPE trained on `texts` (any text stays encodable through the byte alphabet)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return Qwen2TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+
+
+def build_processor(tokenizer: Qwen2TokenizerFast, n_mels: int, chunk_length: int) -> Qwen2AudioProcessor:
+    fe = WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=16000, chunk_length=chunk_length, hop_length=160)
+    return Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+# Special-token ids of the released Qwen2-Audio tokenizer, for configs built without one
+# (the random full-size model of train_bench)
+QWEN_SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|AUDIO|>": 151646,
+                    "<|audio_bos|>": 151647, "<|audio_eos|>": 151648}
+
+
+def make_config(spec: TinySpec, tokenizer: Qwen2TokenizerFast | None = None) -> Qwen2AudioConfig:
+    """The Qwen2AudioConfig of `spec`'s dims. Without a tokenizer the vocabulary is
+    spec.vocab_size with the released model's special-token ids (or its last ids, when
+    smaller than the released vocabulary)."""
+    if tokenizer is None:
+        vocab = spec.vocab_size
+        ids = QWEN_SPECIAL_IDS
+        if vocab <= max(ids.values()):
+            ids = {t: vocab - len(SPECIAL_TOKENS) + i for i, t in enumerate(SPECIAL_TOKENS)}
+    else:
+        ids, vocab = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}, len(tokenizer)
+    cfg = Qwen2AudioConfig(
+        audio_config=dict(
+            model_type="qwen2_audio_encoder",
+            num_mel_bins=spec.n_mels,
+            d_model=spec.encoder_dim,
+            encoder_layers=spec.encoder_layers,
+            encoder_attention_heads=spec.encoder_heads,
+            encoder_ffn_dim=spec.encoder_ffn,
+            max_source_positions=spec.chunk_length * 50,
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=vocab,
+            hidden_size=spec.text_dim,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads,
+            num_key_value_heads=spec.text_heads,
+            intermediate_size=spec.text_ffn,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+        ),
+        audio_token_index=ids["<|AUDIO|>"],
+    )
+    cfg.projector = dict(spec.projector)
+    return cfg
+
+
+def build_tiny_checkpoint(out_dir: str | Path, texts: Iterable[str], spec: TinySpec = TinySpec()) -> Path:
+    """Write a random-weight tiny Qwen2-Audio checkpoint (deterministic given `spec.seed`)."""
+    tokenizer = build_tokenizer(texts, spec.vocab_size)
+    processor = build_processor(tokenizer, spec.n_mels, spec.chunk_length)
+    config = make_config(spec, tokenizer)
+    torch.manual_seed(spec.seed)
+    model = Qwen2AudioSwap(config)
+    return save_checkpoint(model, processor, out_dir)
+
+
+def build_hub_tiny(out_dir: str | Path, texts: Iterable[str], spec: TinySpec = TinySpec()) -> Path:
+    """A random-weight tiny Qwen2-Audio in exactly the hub layout of
+    Qwen/Qwen2-Audio-7B-Instruct (see save_checkpoint(hub_layout=True)): what
+    `QWEN2_AUDIO_7B_DIR` points at in tests, so the 7B path runs end to end on CPU.
+    Weights are those of build_tiny_checkpoint with the same spec, rounded to bfloat16."""
+    tokenizer = build_tokenizer(texts, spec.vocab_size)
+    processor = build_processor(tokenizer, spec.n_mels, spec.chunk_length)
+    torch.manual_seed(spec.seed)
+    model = Qwen2AudioSwap(make_config(spec, tokenizer))
+    return save_checkpoint(model, processor, out_dir, hub_layout=True)
