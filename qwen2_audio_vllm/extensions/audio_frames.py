@@ -71,12 +71,8 @@ class AudioFramesProcessor:
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
         return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs), **_frame_fields(hf_inputs)}
 
-    def _get_prompt_updates(
-        self,
-        mm_items: MultiModalDataItems,
-        hf_processor_mm_kwargs: Mapping[str, object],
-        out_mm_kwargs: MultiModalKwargsItems,
-    ) -> Sequence[PromptUpdate]:
+    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
+                            out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
         frames = out_mm_kwargs.get_data().get("audio_frames")
         if frames is None:
             return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)

@@ -125,12 +125,8 @@ class ModalityProcessor:
             **{m.key: MultiModalFieldConfig.batched(name) for name, m in self.info.modalities.items()},
         }
 
-    def _get_prompt_updates(
-        self,
-        mm_items: MultiModalDataItems,
-        hf_processor_mm_kwargs: Mapping[str, object],
-        out_mm_kwargs: MultiModalKwargsItems,
-    ) -> Sequence[PromptUpdate]:
+    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
+                            out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
         config = self.info.get_hf_config()
 
         def replacement(m: Modality, item_idx: int) -> list[int]:
