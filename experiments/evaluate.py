@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from experiments.audio import AudioError, load_audio
+from experiments.data.audio import AudioError, load_audio
 from experiments.metrics import normalize_text, wer_cer
 
 
@@ -31,7 +31,7 @@ def transcribe(llm, rows: list[dict], max_tokens: int = 32, batch: int = 64) -> 
     costs only itself."""
     from vllm import SamplingParams
 
-    from experiments.engine import audio_request, chat_prompt
+    from experiments.serving.engine import audio_request, chat_prompt
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     prompt = chat_prompt(llm.get_tokenizer())
@@ -87,8 +87,8 @@ def evaluate_checkpoint(ckpt: Path, rows: list[dict], out_dir: Path, engine_over
                         max_tokens: int = 32) -> dict:
     """Start an engine on `ckpt` (validated first), evaluate `rows`, stop it; metrics.json and
     utterances.jsonl land in `out_dir`. Returns the metrics with the utterances path."""
-    from experiments.engine import close_llm, make_llm
     from experiments.report import write_json_atomic
+    from experiments.serving.engine import close_llm, make_llm
 
     llm = make_llm(ckpt, **engine_overrides)
     try:
@@ -105,7 +105,7 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from experiments.data import read_manifest
-    from experiments.engine import quiet_vllm
+    from experiments.serving.engine import quiet_vllm
 
     ckpt, manifest = Path(cfg.checkpoint), Path(cfg.data.manifest)
     if not (ckpt / "config.json").is_file():

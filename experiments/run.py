@@ -42,7 +42,7 @@ def forced(cfg: DictConfig, stage: str) -> bool:
 
 
 def trainer_settings(cfg: DictConfig):
-    from experiments.train import TrainerSettings
+    from experiments.training.train import TrainerSettings
 
     return TrainerSettings(**OmegaConf.to_container(cfg.trainer, resolve=True))
 
@@ -62,8 +62,8 @@ def projector_block(cfg: DictConfig, base_dir: Path) -> dict:
 
 def prepare(cfg: DictConfig, state: dict) -> dict:
     """Data manifests and the base checkpoint exist (built once, cached)."""
-    from experiments import prepare as prep
-    from experiments.devices import main_first
+    from experiments.data import prepare as prep
+    from experiments.training.devices import main_first
 
     with main_first():  # under torchrun, process 0 builds; the others find it built
         manifests = prep.ensure_data(OmegaConf.to_container(cfg.data, resolve=True), Path(cfg.artifacts_dir))
@@ -74,7 +74,7 @@ def prepare(cfg: DictConfig, state: dict) -> dict:
 
 def align_output(cfg: DictConfig, state: dict) -> tuple[dict, Any, Path]:
     """(projector block, train settings, output dir) of the align stage for this config."""
-    from experiments.train import TrainSettings
+    from experiments.training.train import TrainSettings
 
     block = projector_block(cfg, Path(state["base_dir"]))
     settings = TrainSettings(**OmegaConf.to_container(cfg.train, resolve=True), seed=cfg.seed)
@@ -86,9 +86,9 @@ def align_output(cfg: DictConfig, state: dict) -> tuple[dict, Any, Path]:
 
 
 def align(cfg: DictConfig, state: dict) -> dict:
-    from experiments.cache import load_or_build
     from experiments.data import read_manifest
-    from experiments.train import align as train_align
+    from experiments.training.cache import load_or_build
+    from experiments.training.train import align as train_align
     from qwen2_audio_vllm.checkpoint import cache_root, load_config, load_model, load_processor
 
     base_dir, manifests = Path(state["base_dir"]), state["manifests"]
@@ -104,8 +104,8 @@ def align(cfg: DictConfig, state: dict) -> dict:
 
     import torch
 
-    from experiments.cache import cache_info
-    from experiments.devices import is_main, main_first
+    from experiments.training.cache import cache_info
+    from experiments.training.devices import is_main, main_first
 
     trainer = trainer_settings(cfg)
     place = trainer.placement()
@@ -177,7 +177,7 @@ def evaluate(cfg: DictConfig, state: dict) -> dict:
 
 
 def bench(cfg: DictConfig, state: dict) -> dict:
-    from experiments.bench import bench_pair
+    from experiments.benchmarks.offline import bench_pair
     from experiments.data import read_manifest
 
     ckpt, base = Path(state["checkpoint"]), Path(state["base_dir"])
@@ -199,8 +199,8 @@ def bench(cfg: DictConfig, state: dict) -> dict:
 def serve_bench(cfg: DictConfig, state: dict) -> dict:
     """Optional (stages=[...,serve_bench,...]): `vllm serve` the checkpoint with the `serve`
     config and run the async load simulation over test clips."""
+    from experiments.benchmarks.serving import run_config
     from experiments.data import read_manifest
-    from experiments.serve_bench import run_config
 
     s = OmegaConf.to_container(cfg.serve, resolve=True)
     b = cfg.bench
@@ -213,9 +213,9 @@ def serve_bench(cfg: DictConfig, state: dict) -> dict:
 def long_form(cfg: DictConfig, state: dict) -> dict:
     """Optional (stages=[...,long_form,...]): WER on `long_form.clips` clips of
     `long_form.seconds` joined from test utterances, cut at pauses (`segments`) vs windows
-    inside the model (`whole`), beside the utterances' own files (experiments/long_form.py)."""
+    inside the model (`whole`), beside the utterances' own files (experiments/serving/long_form.py)."""
     from experiments.data import read_manifest
-    from experiments.long_form import long_form_eval
+    from experiments.serving.long_form import long_form_eval
 
     ckpt = Path(state["checkpoint"])
     lf = OmegaConf.to_container(cfg.long_form, resolve=True)
@@ -229,10 +229,10 @@ def long_form(cfg: DictConfig, state: dict) -> dict:
 
 def train_bench(cfg: DictConfig, state: dict) -> dict:
     """Optional (stages=[train_bench]): cost of an align step per projector at this model's
-    dims on this machine, and the on-paper estimate (experiments/train_bench.py)."""
+    dims on this machine, and the on-paper estimate (experiments/benchmarks/training.py)."""
     import torch
 
-    from experiments import train_bench as tb
+    from experiments.benchmarks import training as tb
     from experiments.report import write_json_atomic
     from qwen2_audio_vllm.checkpoint import load_config
 
@@ -344,8 +344,8 @@ def run(cfg: DictConfig) -> dict:
 
     Under `torchrun --nproc_per_node N` every process runs prepare and align (data-parallel
     training); process 0 alone runs the other stages."""
-    from experiments import devices
-    from experiments.engine import quiet_vllm
+    from experiments.serving.engine import quiet_vllm
+    from experiments.training import devices
 
     quiet_vllm(cfg.verbose)
     unknown = set(cfg.stages) - set(STAGES)

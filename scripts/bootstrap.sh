@@ -67,4 +67,4 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
   $sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq espeak-ng >/dev/null
 fi
 
-"$venv/bin/python" -m experiments.prepare
+"$venv/bin/python" -m experiments.data.prepare

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from experiments.audio import SAMPLE_RATE, load_audio
+from experiments.data.audio import SAMPLE_RATE, load_audio
 
 PHRASES = [
     "open the red door",
@@ -65,7 +65,7 @@ def pytest_configure(config) -> None:
 @pytest.fixture(scope="session")
 def hub_tiny() -> Path:
     """A tiny random Qwen2-Audio laid out exactly like the hub's Qwen2-Audio-7B-Instruct."""
-    from experiments.prepare import ensure_hub_tiny
+    from experiments.data.prepare import ensure_hub_tiny
 
     return ensure_hub_tiny()
 
@@ -73,6 +73,6 @@ def hub_tiny() -> Path:
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
     """The tiny random-weight base checkpoint (built once, cached)."""
-    from experiments.prepare import ensure_random_tiny
+    from experiments.data.prepare import ensure_random_tiny
 
     return ensure_random_tiny()

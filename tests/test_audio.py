@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from experiments.audio import SAMPLE_RATE, AudioError, load_audio, to_model_audio
+from experiments.data.audio import SAMPLE_RATE, AudioError, load_audio, to_model_audio
 
 
 def tone(seconds: float, sr: int = SAMPLE_RATE, hz: float = 440.0) -> np.ndarray:

@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import Qwen2AudioProcessor, Qwen2TokenizerFast
 
-from experiments.audio import load_audio
 from experiments.data import tokenizer_corpus
+from experiments.data.audio import load_audio
 from projectors import LinearProjector, MLPProjector
 from qwen2_audio_vllm.checkpoint import SPECIAL_TOKENS, WEIGHTS, load_config, load_model
 from qwen2_audio_vllm.tiny import TinySpec, build_tiny_checkpoint

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.audio import SAMPLE_RATE
+from experiments.data.audio import SAMPLE_RATE
 from qwen2_audio_vllm.checkpoint import UPSTREAM_ARCHITECTURE, load_model, load_processor
 from qwen2_audio_vllm.encoder import buckets
 from tests.conftest import speak
@@ -62,7 +62,7 @@ def unseen_clips(tmp_path_factory) -> list[np.ndarray]:
 def test_fork_trimmed_equals_upstream_full_window(tiny_base, speech_clips, unseen_clips):
     from vllm import LLM, SamplingParams
 
-    from experiments.engine import (
+    from experiments.serving.engine import (
         EmbedAudio,
         audio_request,
         chat_prompt,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.engine import cli_flags, engine_kwargs
-from experiments.serve import serve_args
+from experiments.serving.engine import cli_flags, engine_kwargs
+from experiments.serving.server import serve_args
 
 SERVE_CONFIG = {  # conf/serve/default.yaml with some knobs set
     "name": "baseline", "max_num_seqs": 32, "max_num_batched_tokens": 4096, "kv_cache_dtype": "auto",

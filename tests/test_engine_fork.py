@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experiments.engine import EmbedAudio, audio_request, chat_prompt, close_llm, make_llm
+from experiments.serving.engine import EmbedAudio, audio_request, chat_prompt, close_llm, make_llm
 from qwen2_audio_vllm.checkpoint import load_model, load_processor
 from qwen2_audio_vllm.derive import derive_checkpoint
 from qwen2_audio_vllm.encoder import output_lengths as encoder_lengths

@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.cache import encoder_frames
-from experiments.engine import EmbedModality, audio_request, chat_prompt, close_llm, make_llm
+from experiments.serving.engine import (
+    EmbedModality,
+    audio_request,
+    chat_prompt,
+    close_llm,
+    make_llm,
+)
+from experiments.training.cache import encoder_frames
 from qwen2_audio_vllm.checkpoint import load_model, load_processor, save_checkpoint
 from qwen2_audio_vllm.derive import add_modalities
 from qwen2_audio_vllm.hf import STOP_TOKENS, clip_embeddings

@@ -9,7 +9,13 @@ import shutil
 import pytest
 from vllm import SamplingParams
 
-from experiments.engine import audio_request, chat_prompt, close_llm, engine_kwargs, make_llm
+from experiments.serving.engine import (
+    audio_request,
+    chat_prompt,
+    close_llm,
+    engine_kwargs,
+    make_llm,
+)
 from qwen2_audio_vllm.checkpoint import (
     UPSTREAM_ARCHITECTURE,
     load_model,

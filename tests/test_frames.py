@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experiments.engine import audio_request, chat_prompt, close_llm, make_llm
+from experiments.serving.engine import audio_request, chat_prompt, close_llm, make_llm
 from qwen2_audio_vllm.checkpoint import load_model, load_processor
 from qwen2_audio_vllm.derive import derive_checkpoint
 
@@ -21,7 +21,7 @@ def test_frames_give_the_same_output_as_audio(tiny_base, speech_clips, tmp_path)
 
     ckpt = derive_checkpoint(tiny_base, {"name": "mlp", "stack": 2}, tmp_path / "c", seed=3)
     model, processor = load_model(ckpt), load_processor(ckpt)
-    from experiments.cache import encoder_frames
+    from experiments.training.cache import encoder_frames
 
     audios = [a for _, a, _ in speech_clips]
     cached = encoder_frames(model, processor.feature_extractor, audios)

@@ -79,7 +79,7 @@ def test_adopt_links_weights_and_is_idempotent(hub_tiny, tmp_path):
 
 
 def test_bad_model_directories_get_clear_errors(tmp_path):
-    from experiments.prepare import ensure_base
+    from experiments.data.prepare import ensure_base
 
     model = {"name": "qwen2-audio-7b", "path": str(tmp_path / "nowhere"), "path_env": "QWEN2_AUDIO_7B_DIR"}
     with pytest.raises(FileNotFoundError, match=r"does not exist; set QWEN2_AUDIO_7B_DIR to a local directory of Qwen/Qwen2-Audio-7B-Instruct"):
@@ -103,7 +103,13 @@ def test_upstream_class_on_hub_dir_equals_fork_on_adopted(hub_tiny, speech_clips
     prompts and greedy tokens."""
     from vllm import LLM, SamplingParams
 
-    from experiments.engine import audio_request, chat_prompt, close_llm, engine_kwargs, make_llm
+    from experiments.serving.engine import (
+        audio_request,
+        chat_prompt,
+        close_llm,
+        engine_kwargs,
+        make_llm,
+    )
 
     def generate(d: Path, fork: bool):
         llm = make_llm(d) if fork else LLM(**engine_kwargs(d))  # make_llm checks the projector block
@@ -180,7 +186,7 @@ def test_twin_equals_transformers_own_class_on_adopted_checkpoint(hub_tiny, spee
     greedy tokens."""
     from transformers import Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
 
-    from experiments.engine import chat_prompt
+    from experiments.serving.engine import chat_prompt
     from qwen2_audio_vllm.hf import (
         STOP_TOKENS,
         clip_embeddings,

@@ -1,4 +1,4 @@
-"""Long-form transcription by segments (experiments/long_form.py): cutting at pauses, and
+"""Long-form transcription by segments (experiments/serving/long_form.py): cutting at pauses, and
 the joined transcript through vLLM against the HF twin."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import itertools
 import numpy as np
 import pytest
 
-from experiments.audio import SAMPLE_RATE
-from experiments.long_form import engine_len, pause_segments, transcribe_long, with_windows
+from experiments.data.audio import SAMPLE_RATE
+from experiments.serving.long_form import engine_len, pause_segments, transcribe_long, with_windows
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_whole_strategy_checkpoint_takes_enough_windows(tiny_base, tmp_path):
 
 @pytest.mark.engine
 def test_segments_transcript_is_the_twins_segment_transcripts_in_order(long_clip, tiny_base):
-    from experiments.engine import chat_prompt, close_llm, make_llm
+    from experiments.serving.engine import chat_prompt, close_llm, make_llm
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
     from qwen2_audio_vllm.hf import greedy_transcribe
 
@@ -100,7 +100,7 @@ def test_segments_transcript_is_the_twins_segment_transcripts_in_order(long_clip
 
 @pytest.mark.engine
 def test_cli_transcribes_a_long_file_whole(long_clip, tiny_base, tmp_path):
-    """`python -m experiments.long_form FILE --strategy whole` on a 75 s file: an engine with
+    """`python -m experiments.serving.long_form FILE --strategy whole` on a 75 s file: an engine with
     three windows starts and one line per file comes back."""
     import os
     import subprocess
@@ -111,7 +111,7 @@ def test_cli_transcribes_a_long_file_whole(long_clip, tiny_base, tmp_path):
     path = tmp_path / "long.wav"
     sf.write(path, long_clip[0], SAMPLE_RATE, subtype="FLOAT")
     run = subprocess.run(
-        [sys.executable, "-m", "experiments.long_form", str(path), "--model", str(tiny_base), "--strategy", "whole", "--max-tokens", "8"],
+        [sys.executable, "-m", "experiments.serving.long_form", str(path), "--model", str(tiny_base), "--strategy", "whole", "--max-tokens", "8"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=os.environ | {"PYTHONPATH": os.getcwd()},
     )
     assert run.returncode == 0, run.stderr[-2000:]
@@ -120,7 +120,7 @@ def test_cli_transcribes_a_long_file_whole(long_clip, tiny_base, tmp_path):
     assert json_windows(tmp_path / "outputs" / "long_form") == [3]
     # the printed text is the whole file's transcript: the twin's greedy decoding over the
     # same three windows of the checkpoint the command derived
-    from experiments.engine import chat_prompt
+    from experiments.serving.engine import chat_prompt
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
     from qwen2_audio_vllm.hf import greedy_transcribe
 

@@ -11,7 +11,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from experiments.audio import load_audio
+from experiments.data.audio import load_audio
 from experiments.report import append_results_row
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from experiments.client import online_summary, request, served_model, simulate
+from experiments.serving.client import online_summary, request, served_model, simulate
 
 pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +53,8 @@ def odd_audio(speech_clips, tmp_path_factory) -> dict[str, tuple[Path, str | Non
 
 
 def test_offline_evaluation_records_bad_clips_and_goes_on(odd_audio, tiny_base, tmp_path):
-    from experiments.engine import close_llm, make_llm
     from experiments.evaluate import evaluate
+    from experiments.serving.engine import close_llm, make_llm
 
     rows = [{"audio_filepath": str(p), "duration": 1.0, "text": "open the red door"} for p, _ in odd_audio.values()]
     llm = make_llm(tiny_base)
@@ -77,7 +77,7 @@ def test_offline_evaluation_records_bad_clips_and_goes_on(odd_audio, tiny_base, 
 
 @pytest.fixture(scope="module")
 def server(tiny_base, tmp_path_factory):
-    from experiments.serve import Server
+    from experiments.serving.server import Server
 
     with Server(tiny_base, {"max_num_seqs": 32}, log_dir=tmp_path_factory.mktemp("serve")) as s:
         yield s

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from experiments.client import asset_names, online_summary, request, served_model, simulate
-from experiments.serve import Server
+from experiments.serving.client import asset_names, online_summary, request, served_model, simulate
+from experiments.serving.server import Server
 
 pytestmark = pytest.mark.engine
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experiments.cache import load_or_build
 from experiments.data import SyntheticSpec, build_synthetic, read_manifest
-from experiments.devices import placement
-from experiments.train import TextBatcher, TrainerSettings, TrainSettings, align, batches
+from experiments.training.cache import load_or_build
+from experiments.training.devices import placement
+from experiments.training.train import TextBatcher, TrainerSettings, TrainSettings, align, batches
 from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
 
@@ -83,7 +83,7 @@ def data(tiny_base, tmp_path_factory):
 def test_token_loss_is_the_summed_hf_loss(tiny_base, data):
     model, processor = load_model(tiny_base), load_processor(tiny_base)
     frames, texts = data["train"]
-    from experiments.cache import pad_frames
+    from experiments.training.cache import pad_frames
 
     x, lengths = pad_frames([f.float() for f in frames[:4]])
     audio = model.project(x, lengths)
@@ -134,8 +134,8 @@ def test_token_budget_align_runs_and_exports(tiny_base, data, tmp_path):
 
 
 def test_train_bench_stage_measures_every_projector_and_estimates(tmp_path):
+    from experiments.benchmarks.training import encoder_params, llm_params
     from experiments.run import run
-    from experiments.train_bench import encoder_params, llm_params
     from qwen2_audio_vllm.hf import Qwen2AudioSwap
     from qwen2_audio_vllm.tiny import TinySpec, make_config
     from tests.test_pipeline import composed
@@ -164,7 +164,7 @@ def test_seven_b_estimate_counts_the_real_architecture():
     estimate's parameter counts match the modules, and the totals are Qwen2-Audio-7B's."""
     from omegaconf import OmegaConf
 
-    from experiments.train_bench import encoder_params, estimate, llm_params
+    from experiments.benchmarks.training import encoder_params, estimate, llm_params
     from qwen2_audio_vllm.hf import Qwen2AudioSwap
     from qwen2_audio_vllm.tiny import TinySpec, make_config
     from tests.test_pipeline import CONF

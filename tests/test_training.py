@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experiments.cache import load_or_build
 from experiments.data import SyntheticSpec, build_synthetic, read_manifest
-from experiments.train import TrainSettings, align
+from experiments.training.cache import load_or_build
+from experiments.training.train import TrainSettings, align
 from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
 
@@ -28,8 +28,8 @@ def test_cache_round_trip_matches_full_window_encoder(tiny_base, rows, tmp_path,
     train = rows[0][:6]
     frames, lengths = load_or_build(model, processor, train, tmp_path / "cache", batch_size=4, store_dtype=store)
     assert all(f.dtype == store for f in frames)
-    from experiments.audio import load_audio
-    from experiments.cache import cache_info
+    from experiments.data.audio import load_audio
+    from experiments.training.cache import cache_info
 
     info = cache_info(tmp_path / "cache")
     assert info["clips"] == 6 and info["dtype"] == str(store)

@@ -1,6 +1,6 @@
 """Precomputed encoder frames in vLLM: a request's audio may be
 `{"audio_frames": [tensor (frames, d_audio)]}`, the pooled encoder outputs that
-experiments/cache.py stores. The model then runs only the projector, and each item gets
+experiments/training/cache.py stores. The model then runs only the projector, and each item gets
 `projector.output_lengths(frames)` placeholder tokens."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Online serving benchmark: `vllm serve` a checkpoint, run the load simulation, and
 compare engine settings side by side (seed 000's baseline vs FP8 KV cache table).
 
-    python -m experiments.serve_bench <checkpoint dir> -n 200 -c 8 --compare fp8_kv
+    python -m experiments.benchmarks.serving <checkpoint dir> -n 200 -c 8 --compare fp8_kv
 
 Each configuration gets its own server (started, measured, stopped) in this one run. A
 configuration the backend rejects (e.g. a KV-cache dtype the CPU backend lacks) is
@@ -15,9 +15,9 @@ import asyncio
 import json
 from pathlib import Path
 
-from experiments.client import online_summary, served_model, simulate
 from experiments.metrics import format_table
-from experiments.serve import Server, ServerError
+from experiments.serving.client import online_summary, served_model, simulate
+from experiments.serving.server import Server, ServerError
 
 CONFIGS = {
     "baseline": {"kv_cache_dtype": "auto"},
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--compare", nargs="*", default=["fp8_kv"], choices=list(CONFIGS))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from experiments.client import asset_names
+    from experiments.serving.client import asset_names
 
     sources = ([json.loads(line)["audio_filepath"] for line in open(args.manifest) if line.strip()]
                if args.manifest else [f"asset:{a}" for a in asset_names()])

@@ -3,14 +3,14 @@
     pretrain(...)  all weights of a tiny Qwen2-Audio (encoder + linear projector + LLM) from
                    scratch on transcripts: builds the `model=tiny` base checkpoint.
     align(...)     only the projector (encoder and LLM frozen), on cached encoder outputs
-                   (experiments.cache), LM loss on the transcript: the `align` stage.
+                   (experiments.training.cache), LM loss on the transcript: the `align` stage.
 
 Both use the same prompt as serving (`engine.chat_prompt`), AdamW with linear warmup and
 cosine decay, gradient clipping, a tqdm bar with the loss, periodic dev loss (token-weighted
 mean), and export the best (lowest dev loss) weights as a vLLM checkpoint once, at the end
 (the best weights are kept in memory until then; a killed run writes nothing).
 
-Where and how they compute is the `trainer` config (TrainerSettings, experiments.devices):
+Where and how they compute is the `trainer` config (TrainerSettings, experiments.training.devices):
 device and precision (bf16: frozen weights in bfloat16, trainable ones float32 under
 autocast), gradient checkpointing of the frozen LLM, batches by a padded-token budget, and
 data-parallel processes under torchrun (each takes its share of every global batch).
@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from experiments import devices
-from experiments.devices import Placement
-from experiments.engine import chat_prompt
+from experiments.serving.engine import chat_prompt
+from experiments.training import devices
+from experiments.training.devices import Placement
 from qwen2_audio_vllm.hf import IGNORE, Qwen2AudioSwap, expand_audio_placeholders
 
 LossFn = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]  # indices -> (summed loss, tokens)
@@ -244,8 +244,8 @@ def pretrain(
     export the best one to `out_dir`. Encoder inputs are trimmed mel features, so a step
     costs the clip lengths, not the 30 s window. All weights train, so they stay float32
     (bf16 runs them under autocast)."""
-    from experiments.audio import load_audio
-    from experiments.cache import mel_features, pad_mels
+    from experiments.data.audio import load_audio
+    from experiments.training.cache import mel_features, pad_mels
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
     from qwen2_audio_vllm.encoder import output_lengths as encoder_lengths
 
@@ -294,7 +294,7 @@ def align(
     weights to `out_dir`. init_from_base: start from the base checkpoint's own projector
     weights (same block). Under torchrun every process runs this on its share of each
     global batch; process 0 writes the checkpoint."""
-    from experiments.cache import pad_frames
+    from experiments.training.cache import pad_frames
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
     place = trainer.placement()

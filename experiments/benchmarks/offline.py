@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from experiments.audio import SAMPLE_RATE, load_audio
+from experiments.data.audio import SAMPLE_RATE, load_audio
 from experiments.metrics import RequestRecord, summarize
 
 RATIO_KEYS = ("request_throughput", "output_token_throughput", "rtfx", "latency_mean_s", "latency_p50_s", "latency_p99_s", "ttft_mean_s")
@@ -41,7 +41,7 @@ def add_request_args(parser, max_tokens: int) -> None:
     parser.add_argument("checkpoint", nargs="?", type=Path, help="default: the tiny random base")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds, at least 5")
     parser.add_argument("--lengths", type=float, nargs="+", default=[1.0, 3.0, 8.0])
 
 
@@ -49,8 +49,9 @@ def request_set(args) -> tuple[Path, list[np.ndarray]]:
     """(checkpoint, request audio) for options from `add_request_args`: the tiny random base
     unless one is given, and synthetic test speech cut to `--lengths`."""
     from experiments.data import read_manifest
-    from experiments.prepare import ensure_random_tiny, ensure_synthetic
+    from experiments.data.prepare import ensure_random_tiny, ensure_synthetic
 
+    check_rounds(args.rounds)
     ckpt = args.checkpoint or ensure_random_tiny()
     return ckpt, request_audio(read_manifest(ensure_synthetic()["test"]), args.lengths, args.requests)
 
@@ -67,9 +68,16 @@ def interleaved_rounds(variants: dict, rounds: int) -> dict:
     return seconds
 
 
-def interleaved_seconds(variants: dict, rounds: int) -> dict[str, float]:
-    """Total seconds per variant over `rounds` interleaved rounds (interleaved_rounds)."""
-    return {name: sum(s) for name, s in interleaved_rounds(variants, rounds).items()}
+def speedup(baseline_s: list[float], faster_s: list[float]) -> dict[str, float]:
+    """Per-round time ratios baseline/faster (same work in both: the throughput ratio) as
+    {"median", "min", "max"}: what every benchmark here reports."""
+    ratios = [b / f for b, f in zip(baseline_s, faster_s, strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def check_rounds(rounds: int) -> None:
+    if rounds < 5:
+        raise SystemExit(f"rounds={rounds}: at least 5 alternating rounds, single pairs drift by ~30 % on these machines")
 
 
 class PeakMemory:
@@ -113,7 +121,7 @@ def measure(llm, audios: list[np.ndarray], max_tokens: int) -> tuple[list[Reques
     """Submit every request at once and step the engine to completion."""
     from vllm import SamplingParams
 
-    from experiments.engine import audio_request, chat_prompt
+    from experiments.serving.engine import audio_request, chat_prompt
 
     engine = llm.llm_engine
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -156,10 +164,9 @@ def bench_pair(variant_dir: Path, baseline_dir: Path, rows: list[dict], lengths_
     request throughput), with its processes' peak RSS; "ratio_vs_linear": {key: median of the
     per-round variant/baseline ratios}, with "_min" / "_max" twins; "per_round": request
     throughput per engine and round}."""
-    from experiments.engine import close_llm, make_llm
+    from experiments.serving.engine import close_llm, make_llm
 
-    if rounds < 5:
-        raise ValueError(f"bench.rounds={rounds}: at least 5 alternating rounds, single pairs drift by ~30 % here")
+    check_rounds(rounds)
     clips = request_audio(rows, lengths_s, n * (rounds + 1))
     batches = [clips[(k + 1) * n : (k + 2) * n] for k in range(rounds)]
     overrides = {"enable_prefix_caching": False, "mm_processor_cache_gb": 0, **engine_overrides}

@@ -8,8 +8,8 @@
   window, each segment is one request (batched), and the transcripts are joined in order.
   Right for a model trained on short utterances (the tiny base: 1-3 s phrases).
 
-    python -m experiments.long_form FILE.wav [...] --model DIR [--strategy segments|whole]
-    python -m experiments.long_form --demo      # 75 s of known test utterances, both strategies
+    python -m experiments.serving.long_form FILE.wav [...] --model DIR [--strategy segments|whole]
+    python -m experiments.serving.long_form --demo      # 75 s of known test utterances, both strategies
 
 `--demo` builds 75 s clips from held-out synthetic test utterances separated by pauses,
 transcribes them through vLLM with the default tiny base (built by `experiments.run`'s prepare
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.audio import SAMPLE_RATE, load_audio
+from experiments.data.audio import SAMPLE_RATE, load_audio
 
 FRAME_S = 0.01  # energy frames
 
@@ -57,7 +57,7 @@ def pause_segments(
     """
     audio = np.asarray(audio)
     if audio.ndim != 1:
-        raise ValueError(f"expected mono samples (n,), got shape {audio.shape}; load files with experiments.audio.load_audio")
+        raise ValueError(f"expected mono samples (n,), got shape {audio.shape}; load files with experiments.data.audio.load_audio")
     if not np.isfinite(audio).all():
         raise ValueError("audio contains NaN or infinite samples; send finite PCM samples")
     hop = max(int(FRAME_S * sr), 1)
@@ -92,7 +92,7 @@ def transcribe_long(llm, audios: list[np.ndarray], strategy: str = "segments", m
     for the clip."""
     from vllm import SamplingParams
 
-    from experiments.engine import audio_request, chat_prompt
+    from experiments.serving.engine import audio_request, chat_prompt
 
     prompt = chat_prompt(llm.get_tokenizer())
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
@@ -138,9 +138,9 @@ def default_base() -> tuple[Path, dict]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from experiments import prepare
+    from experiments.data import prepare
 
-    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base=None):
+    with initialize_config_dir(str(Path(__file__).resolve().parents[2] / "conf"), version_base=None):
         cfg = compose("config")
     artifacts = Path(cfg.artifacts_dir)
     manifests = prepare.ensure_data(OmegaConf.to_container(cfg.data, resolve=True), artifacts)
@@ -177,9 +177,9 @@ def long_form_eval(ckpt: Path, rows: list[dict], seconds: float, n_clips: int, o
     `segments`), one engine for all three. Clips and results are written to `out_dir`."""
     import soundfile as sf
 
-    from experiments.engine import close_llm, make_llm
     from experiments.metrics import wer_cer
     from experiments.report import write_json_atomic
+    from experiments.serving.engine import close_llm, make_llm
 
     clips = demo_clips(rows, seconds, n_clips)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +230,7 @@ def main() -> None:
         return
     if not args.files:
         parser.error("give audio files, or --demo")
-    from experiments.engine import close_llm, make_llm
+    from experiments.serving.engine import close_llm, make_llm
 
     model = args.model or default_base()[0]
     audios = [load_audio(f) for f in args.files]

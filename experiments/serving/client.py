@@ -1,8 +1,8 @@
 """Async OpenAI-compatible load client for `vllm serve` (seed 000's client, for any variant).
 
-    python -m experiments.client single --base-url http://127.0.0.1:8000/v1 --audio asset:open_the_red_door
-    python -m experiments.client single --audio path/to/clip.wav --prompt "Transcribe the audio."
-    python -m experiments.client simulation --manifest test.jsonl -n 200 -c 8 [--rate 4]
+    python -m experiments.serving.client single --base-url http://127.0.0.1:8000/v1 --audio asset:open_the_red_door
+    python -m experiments.serving.client single --audio path/to/clip.wav --prompt "Transcribe the audio."
+    python -m experiments.serving.client simulation --manifest test.jsonl -n 200 -c 8 [--rate 4]
 
 Audio sources: a local file (sent as a base64 data URL), an http(s) URL (passed through),
 or `asset:<name>` for the clips bundled in experiments/assets/. Responses are streamed so
@@ -21,10 +21,10 @@ import random
 import time
 from pathlib import Path
 
-from experiments.engine import TRANSCRIBE_PROMPT
 from experiments.metrics import RequestRecord, format_table, summarize
+from experiments.serving.engine import TRANSCRIBE_PROMPT
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 
 
 def asset_names() -> list[str]:

@@ -1,7 +1,7 @@
 """Benchmark: projector-alignment step time with the encoder-output cache vs recomputing
 the frozen encoder every step, measured side by side in one run.
 
-    .venv/bin/python -m experiments.bench_cache [--steps 20] [--batch-size 32]
+    .venv/bin/python -m experiments.benchmarks.cache [--steps 20] [--batch-size 32]
 
 Three ways to get a batch's encoder frames, then the same projector forward/backward
 through the frozen LLM:
@@ -14,6 +14,7 @@ Prints seconds per step and the speed-up of the cache over each.
 from __future__ import annotations
 
 import argparse
+import statistics
 from functools import partial
 
 import torch
@@ -26,12 +27,14 @@ def main() -> None:
     parser.add_argument("--projector", default="mlp")
     args = parser.parse_args()
 
-    from experiments.audio import load_audio
-    from experiments.bench import interleaved_seconds
-    from experiments.cache import load_or_build, mel_features, pad_frames, pad_mels
+    from experiments.benchmarks.offline import check_rounds, interleaved_rounds, speedup
+
+    check_rounds(args.steps)
     from experiments.data import read_manifest
-    from experiments.prepare import ensure_random_tiny, ensure_synthetic
-    from experiments.train import TextBatcher
+    from experiments.data.audio import load_audio
+    from experiments.data.prepare import ensure_random_tiny, ensure_synthetic
+    from experiments.training.cache import load_or_build, mel_features, pad_frames, pad_mels
+    from experiments.training.train import TextBatcher
     from qwen2_audio_vllm.checkpoint import cache_root, load_model, load_processor
 
     base = ensure_random_tiny()
@@ -71,14 +74,14 @@ def main() -> None:
 
     for name in sources:
         step(name, 0)  # warm-up
-    seconds = interleaved_seconds({name: partial(step, name) for name in sources}, args.steps)
-    per_step = {n: s / args.steps for n, s in seconds.items()}
-    for n, s in per_step.items():
-        print(f"{n:14s} {s * 1000:8.1f} ms/step")
-    print(f"speed-up of the cache: {per_step['recompute'] / per_step['cached']:.1f}x vs recompute (trimmed), "
-          f"{per_step['recompute_30s'] / per_step['cached']:.1f}x vs recompute over the 30 s window "
-          f"(batch {args.batch_size}, {args.steps} steps, projector {args.projector}, torch threads {torch.get_num_threads()})")
-
+    seconds = interleaved_rounds({name: partial(step, name) for name in sources}, args.steps)  # one step a round
+    for n, per_step in seconds.items():
+        print(f"{n:14s} {statistics.median(per_step) * 1000:8.1f} ms/step (median)")
+    trimmed, full = speedup(seconds["recompute"], seconds["cached"]), speedup(seconds["recompute_30s"], seconds["cached"])
+    print(f"speed-up of the cache, median [min, max] over {args.steps} alternating steps: "
+          f"{trimmed['median']:.1f}x [{trimmed['min']:.1f}, {trimmed['max']:.1f}] vs recompute (trimmed), "
+          f"{full['median']:.1f}x [{full['min']:.1f}, {full['max']:.1f}] vs recompute over the 30 s window "
+          f"(batch {args.batch_size}, projector {args.projector}, torch threads {torch.get_num_threads()})")
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import soundfile as sf
 
-from experiments.audio import SAMPLE_RATE, to_model_audio
+from experiments.data.audio import SAMPLE_RATE, to_model_audio
 
 DIGITS = "zero one two three four five six seven eight nine".split()
 TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()

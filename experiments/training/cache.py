@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from experiments.audio import load_audio
+from experiments.data.audio import load_audio
 from experiments.report import write_json_atomic
 from qwen2_audio_vllm.hf import Qwen2AudioSwap
 

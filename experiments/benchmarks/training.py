@@ -26,8 +26,8 @@ from functools import partial
 
 import torch
 
-from experiments.bench import interleaved_rounds
-from experiments.devices import Placement
+from experiments.benchmarks.offline import interleaved_rounds
+from experiments.training.devices import Placement
 from qwen2_audio_vllm.checkpoint import default_dtype
 from qwen2_audio_vllm.hf import IGNORE, Qwen2AudioSwap
 from qwen2_audio_vllm.tiny import TinySpec, make_config

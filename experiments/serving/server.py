@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from experiments.engine import cli_flags, cpu_binding, engine_kwargs, has_cuda
+from experiments.serving.engine import cli_flags, cpu_binding, engine_kwargs, has_cuda
 
 
 def free_port() -> int:

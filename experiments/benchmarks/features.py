@@ -2,14 +2,20 @@
 (`{"audio_frames": [...]}`, the model then runs only the projector), same engine, same
 clips, alternating rounds in one run.
 
-    .venv/bin/python -m experiments.bench_features [checkpoint] --requests 64 --rounds 2
+    .venv/bin/python -m experiments.benchmarks.features [checkpoint] --requests 64 --rounds 5
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
-from experiments.bench import add_request_args, interleaved_seconds, request_set
+from experiments.benchmarks.offline import (
+    add_request_args,
+    interleaved_rounds,
+    request_set,
+    speedup,
+)
 
 
 def main() -> None:
@@ -19,8 +25,8 @@ def main() -> None:
 
     from vllm import SamplingParams
 
-    from experiments.cache import encoder_frames
-    from experiments.engine import audio_request, chat_prompt, close_llm, make_llm
+    from experiments.serving.engine import audio_request, chat_prompt, close_llm, make_llm
+    from experiments.training.cache import encoder_frames
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
     ckpt, audios = request_set(args)
@@ -35,19 +41,18 @@ def main() -> None:
     }
     try:
         llm.generate(requests["audio"][:4], params, use_tqdm=False)  # warm-up
-        seconds = interleaved_seconds(
+        seconds = interleaved_rounds(
             {name: lambda _round, reqs=reqs: llm.generate(reqs, params, use_tqdm=False) for name, reqs in requests.items()},
             args.rounds,
         )
     finally:
         close_llm(llm)
-    rps = {k: args.requests * args.rounds / s for k, s in seconds.items()}
-    for k, v in rps.items():
-        print(f"{k:7s} {v:.2f} req/s")
-    print(f"cached frames / raw audio throughput: {rps['frames'] / rps['audio']:.2f}x "
-          f"({args.requests} requests x {args.rounds} rounds, lengths {args.lengths} s, "
-          f"{args.max_tokens} output tokens)")
-
+    for k, per_round in seconds.items():
+        print(f"{k:7s} {args.requests / statistics.median(per_round):.2f} req/s (median round)")
+    r = speedup(seconds["audio"], seconds["frames"])
+    print(f"cached frames / raw audio throughput: {r['median']:.2f}x [{r['min']:.2f}, {r['max']:.2f}] "
+          f"(median [min, max] over {args.rounds} alternating rounds of {args.requests} requests, "
+          f"lengths {args.lengths} s, {args.max_tokens} output tokens)")
 
 if __name__ == "__main__":
     main()

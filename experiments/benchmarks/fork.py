@@ -1,7 +1,7 @@
 """Benchmark: the fork (encoder over real frames, linear projector) vs upstream vLLM's own
 Qwen2-Audio class (30 s window) on the same checkpoint and the same requests, per clip length.
 
-    .venv/bin/python -m experiments.bench_fork [checkpoint dir] --lengths 1 2 4 8 15 30 --rounds 5
+    .venv/bin/python -m experiments.benchmarks.fork [checkpoint dir] --lengths 1 2 4 8 15 30 --rounds 5
 
 Both engines stay up; every round measures each length on upstream then the fork (A B A B
 ...), so the drift of a noisy machine hits both alike. Each measurement is one offline
@@ -21,7 +21,13 @@ import statistics
 from functools import partial
 from pathlib import Path
 
-from experiments.bench import interleaved_rounds, measure, request_audio
+from experiments.benchmarks.offline import (
+    check_rounds,
+    interleaved_rounds,
+    measure,
+    request_audio,
+    speedup,
+)
 from qwen2_audio_vllm.checkpoint import UPSTREAM_ARCHITECTURE
 
 
@@ -35,14 +41,13 @@ def main() -> None:
     parser.add_argument("--no-trim", action="store_true", help="the fork over the full window too")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if args.rounds < 5:
-        parser.error("--rounds must be at least 5: single pairs drift by ~30 % on these machines")
+    check_rounds(args.rounds)
 
     from vllm import LLM
 
     from experiments.data import read_manifest
-    from experiments.engine import close_llm, engine_kwargs, make_llm
-    from experiments.prepare import ensure_random_tiny, ensure_synthetic
+    from experiments.data.prepare import ensure_random_tiny, ensure_synthetic
+    from experiments.serving.engine import close_llm, engine_kwargs, make_llm
 
     ckpt = args.checkpoint or ensure_random_tiny()
     rows = read_manifest(ensure_synthetic()["test"])
@@ -85,14 +90,13 @@ def summarize(seconds: dict[tuple[float, str], list[float]], requests: int, leng
     out = {}
     for s in lengths:
         up, fork = seconds[(s, "upstream")], seconds[(s, "fork")]
-        ratios = [u / f for u, f in zip(up, fork, strict=True)]  # same requests: time ratio = throughput ratio
+        r = speedup(up, fork)  # same requests: time ratio = throughput ratio
         out[s] = {
             "upstream_req_s": requests / statistics.median(up), "fork_req_s": requests / statistics.median(fork),
             "upstream_rtfx": requests * s / statistics.median(up), "fork_rtfx": requests * s / statistics.median(fork),
-            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratio_median": r["median"], "ratio_min": r["min"], "ratio_max": r["max"],
         }
     return out
-
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """The `prepare` stage: the tiny default base checkpoint and the synthetic data exist.
 
-    python -m experiments.prepare             # build what is missing (idempotent)
-    python -m experiments.prepare --hub-tiny  # + a tiny model in the hub layout of Qwen2-Audio-7B-Instruct
+    python -m experiments.data.prepare             # build what is missing (idempotent)
+    python -m experiments.data.prepare --hub-tiny  # + a tiny model in the hub layout of Qwen2-Audio-7B-Instruct
 
 Both are cached under $Q2AP_CACHE (default ~/.cache/qwen2-audio-projectors), keyed by a
 hash of their spec, so a second call, another clone or CI reuses them.
@@ -83,7 +83,7 @@ def ensure_base(model: dict, manifests: dict[str, Path], artifacts: Path, traine
     `trainer`, a TrainerSettings, says)."""
     import json
 
-    from experiments.train import TrainerSettings
+    from experiments.training.train import TrainerSettings
     from qwen2_audio_vllm.adoption import adopt_checkpoint
 
     if model.get("path"):
@@ -100,7 +100,7 @@ def ensure_base(model: dict, manifests: dict[str, Path], artifacts: Path, traine
     if (out / "pretrain.json").exists():
         return out
     from experiments.data import read_manifest
-    from experiments.train import TrainSettings, pretrain
+    from experiments.training.train import TrainSettings, pretrain
 
     settings = TrainSettings(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], warmup=p["warmup"], eval_every=p["eval_every"])
     result = pretrain(ensure_random_tiny(spec), read_manifest(manifests["train"]), read_manifest(manifests["dev"]), out,

@@ -1,0 +1,3 @@
+"""Training stages: pretraining the tiny base and aligning a projector on cached encoder
+outputs (train.py), the encoder-output cache (cache.py), device, precision and
+data-parallel processes (devices.py)."""
