@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 ARGS ?=
 
-.PHONY: run test test-fast lint bootstrap
+.PHONY: run test test-fast lint bootstrap results
 
 bootstrap:
 	bash scripts/bootstrap.sh
@@ -18,3 +18,7 @@ test-fast: bootstrap
 
 lint: bootstrap
 	$(PY) -m ruff check .
+
+# every number the README quotes, regenerated on this machine (hours on CPU; ARGS="fork cache" for some)
+results: bootstrap
+	$(PY) -m experiments.results $(ARGS)

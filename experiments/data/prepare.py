@@ -56,6 +56,19 @@ if __name__ == "__main__":
     main()
 
 
+def default_base() -> tuple[Path, dict[str, Path]]:
+    """The default config's (conf/config.yaml) base checkpoint and data manifests, built if
+    missing: what `make run` trains and evaluates on."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(Path(__file__).resolve().parents[2] / "conf"), version_base=None):
+        cfg = compose("config")
+    artifacts = Path(cfg.artifacts_dir)
+    manifests = ensure_data(OmegaConf.to_container(cfg.data, resolve=True), artifacts)
+    return ensure_base(OmegaConf.to_container(cfg.model, resolve=True), manifests, artifacts), manifests
+
+
 def ensure_data(data: dict, artifacts: Path) -> dict[str, Path]:
     """{split: manifest} for the `data` config group (synthetic | librispeech | manifest)."""
     from experiments.data import librispeech_manifest

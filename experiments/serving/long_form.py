@@ -133,20 +133,6 @@ def demo_clips(rows: list[dict], seconds: float, n_clips: int, seed: int = 0) ->
     return clips
 
 
-def default_base() -> tuple[Path, dict]:
-    """The default config's base checkpoint and data manifests (built if missing)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from experiments.data import prepare
-
-    with initialize_config_dir(str(Path(__file__).resolve().parents[2] / "conf"), version_base=None):
-        cfg = compose("config")
-    artifacts = Path(cfg.artifacts_dir)
-    manifests = prepare.ensure_data(OmegaConf.to_container(cfg.data, resolve=True), artifacts)
-    return prepare.ensure_base(OmegaConf.to_container(cfg.model, resolve=True), manifests, artifacts), manifests
-
-
 def with_windows(ckpt: Path, longest_samples: int, out_root: Path) -> Path:
     """A sibling of `ckpt` (symlinked files, links renewed each call) whose config.json
     takes enough encoder windows (its own window and overlap, windows.py) for
@@ -217,10 +203,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=75.0)
     parser.add_argument("--clips", type=int, default=3, help="--demo clips (disjoint utterances)")
     args = parser.parse_args()
+    from experiments.data import prepare
+
     if args.demo:
         from experiments.data import read_manifest
 
-        base, manifests = default_base()
+        base, manifests = prepare.default_base()
         r = long_form_eval(base, read_manifest(manifests["test"]), args.seconds, args.clips, Path("outputs/long_form"))
         print(f"{r['clips']} clips of {r['seconds']:.0f} s: utterances {r['utterances']}, segments found {r['segments_found']}")
         for s in ("own_files", "segments", "whole"):
@@ -232,7 +220,7 @@ def main() -> None:
         parser.error("give audio files, or --demo")
     from experiments.serving.engine import close_llm, make_llm
 
-    model = args.model or default_base()[0]
+    model = args.model or prepare.default_base()[0]
     audios = [load_audio(f) for f in args.files]
     if args.strategy == "whole":
         model = with_windows(model, max(len(a) for a in audios), Path("outputs/long_form"))

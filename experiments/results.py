@@ -1,0 +1,118 @@
+"""Regenerate every number the README quotes, with one command:
+
+    make results                                   # all of them (hours on a 2-core CPU)
+    .venv/bin/python -m experiments.results fork cache features   # some of them
+    .venv/bin/python -m experiments.results --list                # the entries and commands
+
+Each entry runs the command the README names beside its figures, on this machine, one
+after the other (a failing one is recorded and the rest go on). Everything lands in
+`outputs/results/<date>-<time>/`: `<entry>.log` (the command's whole output), the JSON
+files the commands write, and `results.md`, which opens with the machine, git SHA and
+package versions and gives, per entry, its command, exit status, wall time and the end of
+its output (the tables). Copy the tables into README.md from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+Command = Callable[[Path, Path, Mapping[str, Path]], list[str]]
+PY = [sys.executable, "-m"]
+
+
+def entries() -> dict[str, tuple[str, Command]]:
+    """name -> (README section, argv given (output dir, base checkpoint, manifests))."""
+    return {
+        "base_wer": ("Results: base model WER/CER on the test split", lambda out, base, m: [
+            *PY, "experiments.evaluate", f"checkpoint={base}", f"data.manifest={m['test']}", f"hydra.run.dir={out / 'base_wer'}"]),
+        "sweep": ("Results: projector sweep", lambda out, base, m: [
+            *PY, "experiments.run", "-m", "projector=linear,mlp,attention", "projector.stack=1,4",
+            f"results_dir={out / 'sweep'}", f"hydra.sweep.dir={out / 'sweep' / 'runs'}"]),
+        "fork": ("Results: fork vs upstream", lambda out, base, m: [
+            *PY, "experiments.benchmarks.fork", "--json", str(out / "fork.json")]),
+        "cache": ("Results: encoder-output cache", lambda out, base, m: [
+            *PY, "experiments.benchmarks.cache", "--steps", "20"]),
+        "features": ("Results: cached frames as requests", lambda out, base, m: [
+            *PY, "experiments.benchmarks.features", "--requests", "64", "--rounds", "5"]),
+        "online": ("Results: online serving, baseline vs FP8 KV cache", lambda out, base, m: [
+            *PY, "experiments.benchmarks.serving", str(base), "--manifest", str(m["test"]), "-n", "200", "-c", "8",
+            "--compare", "fp8_kv", "--json", str(out / "online.json")]),
+        "train_bench": ("Running the real 7B model: align step cost, tiny dims measured", lambda out, base, m: [
+            *PY, "experiments.run", "stages=[train_bench]", f"hydra.run.dir={out / 'train_bench'}"]),
+        "train_bench_7b": ("Running the real 7B model: the 7B estimate", lambda out, base, m: [
+            *PY, "experiments.run", "model=qwen2-audio-7b-random", "stages=[train_bench]",
+            "train_bench.estimate_only=true", f"hydra.run.dir={out / 'train_bench_7b'}"]),
+        "long_form": ("Audio longer than the encoder window: the demo", lambda out, base, m: [
+            *PY, "experiments.serving.long_form", "--demo"]),
+    }
+
+
+def run_all(commands: Mapping[str, tuple[str, list[str]]], out: Path, tail_lines: int = 40) -> Path:
+    """Run each (section, argv) in turn, logging to `out/<name>.log`; rewrite
+    `out/results.md` and `out/index.json` after each so a stopped run keeps what it has."""
+    from experiments.report import run_metadata
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = run_metadata()
+    done: dict[str, dict] = {}
+    for name, (section, argv) in commands.items():
+        print(f"[results] {name}: {shlex.join(argv)}", flush=True)
+        t0 = time.perf_counter()
+        with open(out / f"{name}.log", "w") as log:
+            rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1]).returncode
+        lines = (out / f"{name}.log").read_text(errors="replace").splitlines()
+        done[name] = {"section": section, "command": shlex.join(argv), "returncode": rc,
+                      "seconds": time.perf_counter() - t0, "tail": lines[-tail_lines:]}
+        (out / "index.json").write_text(json.dumps({"metadata": meta, "entries": done}, indent=1))
+        (out / "results.md").write_text(render(meta, done))
+    return out / "results.md"
+
+
+def render(meta: Mapping, done: Mapping[str, dict]) -> str:
+    packages = ", ".join(f"{k} {v}" for k, v in meta["packages"].items())
+    head = [
+        "# README numbers, regenerated", "",
+        f"- machine: {meta['platform']}, {meta['cpu_count']} CPUs, GPU {meta['cuda_device'] or 'none'} ({meta['hostname']})",
+        f"- code: git {meta['git_sha']}{' (uncommitted changes)' if meta['git_dirty'] else ''}",
+        f"- packages: {packages}, Python {meta['python']}",
+        f"- started {meta['created_utc']}", "",
+    ]
+    body = []
+    for name, r in done.items():
+        status = "ok" if r["returncode"] == 0 else f"FAILED (exit {r['returncode']}, see {name}.log)"
+        body += [f"## {name}: {r['section']}", "", f"`{r['command']}`: {status}, {r['seconds']:.0f} s", "",
+                 "```", *r["tail"], "```", ""]
+    return "\n".join(head + body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help=f"entries to run (default: all): {', '.join(entries())}")
+    parser.add_argument("--list", action="store_true", help="print the entries and their commands, run nothing")
+    parser.add_argument("--out", type=Path, default=Path("outputs/results") / time.strftime("%Y%m%d-%H%M%S"))
+    args = parser.parse_args()
+    table = entries()
+    if unknown := [n for n in args.names if n not in table]:
+        parser.error(f"unknown entries {unknown}; expected some of {list(table)}")
+    names = args.names or list(table)
+    if args.list:
+        placeholder = {"test": Path("<test manifest>")}
+        for n in names:
+            print(f"{n:15s} {shlex.join(table[n][1](args.out, Path('<base checkpoint>'), placeholder))}")
+        return
+    from experiments.data.prepare import default_base
+
+    base, manifests = default_base()  # built (pretrained) here once if missing, as make run does
+    commands = {n: (table[n][0], table[n][1](args.out, base, manifests)) for n in names}
+    print(run_all(commands, args.out))
+
+
+if __name__ == "__main__":
+    main()
