@@ -19,6 +19,6 @@ test-fast: bootstrap
 lint: bootstrap
 	$(PY) -m ruff check .
 
-# every number the README quotes, regenerated on this machine (hours on CPU; ARGS="fork cache" for some)
+# every number the README quotes, regenerated on this machine (hours on CPU; ARGS="names=[fork,cache]" for some)
 results: bootstrap
 	$(PY) -m experiments.results $(ARGS)

@@ -100,7 +100,7 @@ def evaluate_checkpoint(ckpt: Path, rows: list[dict], out_dir: Path, engine_over
     return metrics
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base=None)
+@hydra.main(config_path="../conf/apps", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

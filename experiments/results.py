@@ -1,8 +1,8 @@
 """Regenerate every number the README quotes, with one command:
 
     make results                                   # all of them (hours on a 2-core CPU)
-    .venv/bin/python -m experiments.results fork cache features   # some of them
-    .venv/bin/python -m experiments.results --list                # the entries and commands
+    .venv/bin/python -m experiments.results 'names=[fork,cache,features]'   # some of them
+    .venv/bin/python -m experiments.results list=true                      # the entries and commands
 
 Each entry runs the command the README names beside its figures, on this machine, one
 after the other (a failing one is recorded and the rest go on). Everything lands in
@@ -14,7 +14,6 @@ its output (the tables). Copy the tables into README.md from there.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import subprocess
@@ -22,6 +21,9 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
 
 Command = Callable[[Path, Path, Mapping[str, Path]], list[str]]
 PY = [sys.executable, "-m"]
@@ -36,21 +38,21 @@ def entries() -> dict[str, tuple[str, Command]]:
             *PY, "experiments.run", "-m", "projector=linear,mlp,attention", "projector.stack=1,4",
             f"results_dir={out / 'sweep'}", f"hydra.sweep.dir={out / 'sweep' / 'runs'}"]),
         "fork": ("Results: fork vs upstream", lambda out, base, m: [
-            *PY, "experiments.benchmarks.fork", "--json", str(out / "fork.json")]),
+            *PY, "experiments.benchmarks.fork", f"hydra.run.dir={out / 'fork'}"]),
         "cache": ("Results: encoder-output cache", lambda out, base, m: [
-            *PY, "experiments.benchmarks.cache", "--steps", "20"]),
+            *PY, "experiments.benchmarks.cache", "steps=20", f"hydra.run.dir={out / 'cache'}"]),
         "features": ("Results: cached frames as requests", lambda out, base, m: [
-            *PY, "experiments.benchmarks.features", "--requests", "64", "--rounds", "5"]),
+            *PY, "experiments.benchmarks.features", "requests=64", "rounds=5", f"hydra.run.dir={out / 'features'}"]),
         "online": ("Results: online serving, baseline vs FP8 KV cache", lambda out, base, m: [
-            *PY, "experiments.benchmarks.serving", str(base), "--manifest", str(m["test"]), "-n", "200", "-c", "8",
-            "--compare", "fp8_kv", "--json", str(out / "online.json")]),
+            *PY, "experiments.benchmarks.serving", f"checkpoint={base}", f"manifest={m['test']}", "requests=200",
+            "concurrency=8", "compare=[fp8_kv]", f"hydra.run.dir={out / 'online'}"]),
         "train_bench": ("Running the real 7B model: align step cost, tiny dims measured", lambda out, base, m: [
             *PY, "experiments.run", "stages=[train_bench]", f"hydra.run.dir={out / 'train_bench'}"]),
         "train_bench_7b": ("Running the real 7B model: the 7B estimate", lambda out, base, m: [
             *PY, "experiments.run", "model=qwen2-audio-7b-random", "stages=[train_bench]",
             "train_bench.estimate_only=true", f"hydra.run.dir={out / 'train_bench_7b'}"]),
         "long_form": ("Audio longer than the encoder window: the demo", lambda out, base, m: [
-            *PY, "experiments.serving.long_form", "--demo"]),
+            *PY, "experiments.serving.long_form", "demo=true", f"hydra.run.dir={out / 'long_form'}"]),
     }
 
 
@@ -92,27 +94,22 @@ def render(meta: Mapping, done: Mapping[str, dict]) -> str:
     return "\n".join(head + body)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", help=f"entries to run (default: all): {', '.join(entries())}")
-    parser.add_argument("--list", action="store_true", help="print the entries and their commands, run nothing")
-    parser.add_argument("--out", type=Path, default=Path("outputs/results") / time.strftime("%Y%m%d-%H%M%S"))
-    args = parser.parse_args()
-    table = entries()
-    if unknown := [n for n in args.names if n not in table]:
-        parser.error(f"unknown entries {unknown}; expected some of {list(table)}")
-    names = args.names or list(table)
-    if args.list:
+@hydra.main(config_path="../conf/apps", config_name="results", version_base=None)
+def main(cfg: DictConfig) -> None:
+    table, out = entries(), Path(cfg.out)
+    if unknown := [n for n in cfg.names if n not in table]:
+        raise SystemExit(f"unknown entries {unknown}; expected some of {list(table)}")
+    names = list(cfg.names) or list(table)
+    if cfg.list:
         placeholder = {"test": Path("<test manifest>")}
         for n in names:
-            print(f"{n:15s} {shlex.join(table[n][1](args.out, Path('<base checkpoint>'), placeholder))}")
+            print(f"{n:15s} {shlex.join(table[n][1](out, Path('<base checkpoint>'), placeholder))}")
         return
     from experiments.data.prepare import default_base
 
     base, manifests = default_base()  # built (pretrained) here once if missing, as make run does
-    commands = {n: (table[n][0], table[n][1](args.out, base, manifests)) for n in names}
-    print(run_all(commands, args.out))
-
+    commands = {n: (table[n][0], table[n][1](out, base, manifests)) for n in names}
+    print(run_all(commands, out))
 
 if __name__ == "__main__":
     main()

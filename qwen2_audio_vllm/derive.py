@@ -1,12 +1,9 @@
 """New checkpoints from existing ones: a fresh projector in place of the base's
 (`derive_checkpoint`), or extra embedding modalities with their placeholder tokens and
-projectors (`add_modalities`, seed 003; also a command:
-`python -m qwen2_audio_vllm.derive SRC OUT --spec JSON`)."""
+projectors (`add_modalities`, seed 003; as a command: `python -m experiments.derive`)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from qwen2_audio_vllm.checkpoint import load_config, load_model, load_processor, save_checkpoint
+from qwen2_audio_vllm.checkpoint import load_model, load_processor, save_checkpoint
 from qwen2_audio_vllm.modalities import DEFAULT_MAX_LEN, build_modality_projectors, modality_specs
 
 
@@ -82,25 +79,3 @@ def _grow_vocab(model: nn.Module, size: int) -> None:
     with torch.no_grad():
         for weight in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight):
             weight[old:] = weight[audio]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description="Copy a checkpoint, adding extra embedding modalities (placeholder tokens, "
-        "freshly initialised projectors).",
-        epilog='example: python -m qwen2_audio_vllm.derive SRC OUT --spec \'{"m1": {"in_dim": 768, '
-        '"projector": {"name": "mlp"}}, "m2": {"in_dim": 512, "projector": {"name": "linear"}}}\'',
-    )
-    parser.add_argument("src", type=Path)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--spec", required=True, help="JSON: {name: {in_dim, projector, [token], [max_len]}}")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    out = add_modalities(args.src, args.out, json.loads(args.spec), seed=args.seed)
-    for m in modality_specs(load_config(out)).values():
-        print(f"{m.name}: ({m.in_dim}-wide rows) -> {m.projector['name']} projector, placeholder {m.token} (id {m.token_id})")
-    print(out)
-
-
-if __name__ == "__main__":
-    main()

@@ -100,7 +100,7 @@ def test_segments_transcript_is_the_twins_segment_transcripts_in_order(long_clip
 
 @pytest.mark.engine
 def test_cli_transcribes_a_long_file_whole(long_clip, tiny_base, tmp_path):
-    """`python -m experiments.serving.long_form FILE --strategy whole` on a 75 s file: an engine with
+    """`python -m experiments.serving.long_form files=[FILE] strategy=whole` on a 75 s file: an engine with
     three windows starts and one line per file comes back."""
     import os
     import subprocess
@@ -111,7 +111,7 @@ def test_cli_transcribes_a_long_file_whole(long_clip, tiny_base, tmp_path):
     path = tmp_path / "long.wav"
     sf.write(path, long_clip[0], SAMPLE_RATE, subtype="FLOAT")
     run = subprocess.run(
-        [sys.executable, "-m", "experiments.serving.long_form", str(path), "--model", str(tiny_base), "--strategy", "whole", "--max-tokens", "8"],
+        [sys.executable, "-m", "experiments.serving.long_form", f"files=[{path}]", f"model={tiny_base}", "strategy=whole", "max_tokens=8"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=os.environ | {"PYTHONPATH": os.getcwd()},
     )
     assert run.returncode == 0, run.stderr[-2000:]

@@ -38,7 +38,7 @@ def test_every_entry_runs_a_module_the_readme_names():
 
 
 def test_cli_lists_and_rejects_unknown_entries():
-    listed = subprocess.run([sys.executable, "-m", "experiments.results", "--list"], capture_output=True, text=True, cwd=ROOT)
+    listed = subprocess.run([sys.executable, "-m", "experiments.results", "list=true"], capture_output=True, text=True, cwd=ROOT)
     assert listed.returncode == 0 and all(name in listed.stdout for name in entries())
-    bad = subprocess.run([sys.executable, "-m", "experiments.results", "nope"], capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and "unknown entries ['nope']" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "experiments.results", "names=[nope]"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 1 and "unknown entries ['nope']" in bad.stderr

@@ -1,7 +1,7 @@
 """Benchmark: projector-alignment step time with the encoder-output cache vs recomputing
 the frozen encoder every step, measured side by side in one run.
 
-    .venv/bin/python -m experiments.benchmarks.cache [--steps 20] [--batch-size 32]
+    .venv/bin/python -m experiments.benchmarks.cache [steps=20] [batch_size=32] [projector=mlp]
 
 Three ways to get a batch's encoder frames, then the same projector forward/backward
 through the frozen LLM:
@@ -13,23 +13,20 @@ Prints seconds per step and the speed-up of the cache over each.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from functools import partial
 
+import hydra
 import torch
+from omegaconf import DictConfig
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--projector", default="mlp")
-    args = parser.parse_args()
+@hydra.main(config_path="../../conf/apps", config_name="bench_cache", version_base=None)
+def main(cfg: DictConfig) -> None:
 
     from experiments.benchmarks.offline import check_rounds, interleaved_rounds, speedup
 
-    check_rounds(args.steps)
+    check_rounds(cfg.steps)
     from experiments.data import read_manifest
     from experiments.data.audio import load_audio
     from experiments.data.prepare import ensure_random_tiny, ensure_synthetic
@@ -38,8 +35,8 @@ def main() -> None:
     from qwen2_audio_vllm.checkpoint import cache_root, load_model, load_processor
 
     base = ensure_random_tiny()
-    rows = read_manifest(ensure_synthetic()["train"])[: args.batch_size * 4]
-    model = load_model(base, projector={"name": args.projector}, load_projector=False)
+    rows = read_manifest(ensure_synthetic()["train"])[: cfg.batch_size * 4]
+    model = load_model(base, projector={"name": cfg.projector}, load_projector=False)
     processor = load_processor(base)
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(True)
@@ -63,7 +60,7 @@ def main() -> None:
     }
 
     def step(name: str, k: int) -> None:
-        idx = [(k * args.batch_size + j) % len(rows) for j in range(args.batch_size)]
+        idx = [(k * cfg.batch_size + j) % len(rows) for j in range(cfg.batch_size)]
         x, lengths = sources[name](idx)
         audio = model.project(x, lengths)
         batch = batcher([rows[i]["text"] for i in idx], [a.shape[0] for a in audio])
@@ -74,14 +71,14 @@ def main() -> None:
 
     for name in sources:
         step(name, 0)  # warm-up
-    seconds = interleaved_rounds({name: partial(step, name) for name in sources}, args.steps)  # one step a round
+    seconds = interleaved_rounds({name: partial(step, name) for name in sources}, cfg.steps)  # one step a round
     for n, per_step in seconds.items():
         print(f"{n:14s} {statistics.median(per_step) * 1000:8.1f} ms/step (median)")
     trimmed, full = speedup(seconds["recompute"], seconds["cached"]), speedup(seconds["recompute_30s"], seconds["cached"])
-    print(f"speed-up of the cache, median [min, max] over {args.steps} alternating steps: "
+    print(f"speed-up of the cache, median [min, max] over {cfg.steps} alternating steps: "
           f"{trimmed['median']:.1f}x [{trimmed['min']:.1f}, {trimmed['max']:.1f}] vs recompute (trimmed), "
           f"{full['median']:.1f}x [{full['min']:.1f}, {full['max']:.1f}] vs recompute over the 30 s window "
-          f"(batch {args.batch_size}, projector {args.projector}, torch threads {torch.get_num_threads()})")
+          f"(batch {cfg.batch_size}, projector {cfg.projector}, torch threads {torch.get_num_threads()})")
 
 if __name__ == "__main__":
     main()

@@ -2,26 +2,22 @@
 (`{"audio_frames": [...]}`, the model then runs only the projector), same engine, same
 clips, alternating rounds in one run.
 
-    .venv/bin/python -m experiments.benchmarks.features [checkpoint] --requests 64 --rounds 5
+    .venv/bin/python -m experiments.benchmarks.features [checkpoint=DIR] [requests=64] [rounds=5]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
-from experiments.benchmarks.offline import (
-    add_request_args,
-    interleaved_rounds,
-    request_set,
-    speedup,
-)
+import hydra
+from omegaconf import DictConfig
+
+from experiments.benchmarks.offline import check_rounds, interleaved_rounds, request_set, speedup
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_request_args(parser, max_tokens=16)
-    args = parser.parse_args()
+@hydra.main(config_path="../../conf/apps", config_name="bench_features", version_base=None)
+def main(cfg: DictConfig) -> None:
+    check_rounds(cfg.rounds)
 
     from vllm import SamplingParams
 
@@ -29,11 +25,11 @@ def main() -> None:
     from experiments.training.cache import encoder_frames
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
-    ckpt, audios = request_set(args)
+    ckpt, audios = request_set(cfg.checkpoint, list(cfg.lengths), cfg.requests)
     model, processor = load_model(ckpt), load_processor(ckpt)
     cached = encoder_frames(model, processor.feature_extractor, audios)  # what the cache holds
-    llm = make_llm(ckpt, max_num_seqs=args.requests, enable_mm_embeds=True)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    llm = make_llm(ckpt, max_num_seqs=cfg.requests, enable_mm_embeds=True)
+    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0, ignore_eos=True)
     prompt = chat_prompt(llm.get_tokenizer())
     requests = {
         "audio": [audio_request(prompt, a) for a in audios],
@@ -43,16 +39,16 @@ def main() -> None:
         llm.generate(requests["audio"][:4], params, use_tqdm=False)  # warm-up
         seconds = interleaved_rounds(
             {name: lambda _round, reqs=reqs: llm.generate(reqs, params, use_tqdm=False) for name, reqs in requests.items()},
-            args.rounds,
+            cfg.rounds,
         )
     finally:
         close_llm(llm)
     for k, per_round in seconds.items():
-        print(f"{k:7s} {args.requests / statistics.median(per_round):.2f} req/s (median round)")
+        print(f"{k:7s} {cfg.requests / statistics.median(per_round):.2f} req/s (median round)")
     r = speedup(seconds["audio"], seconds["frames"])
     print(f"cached frames / raw audio throughput: {r['median']:.2f}x [{r['min']:.2f}, {r['max']:.2f}] "
-          f"(median [min, max] over {args.rounds} alternating rounds of {args.requests} requests, "
-          f"lengths {args.lengths} s, {args.max_tokens} output tokens)")
+          f"(median [min, max] over {cfg.rounds} alternating rounds of {cfg.requests} requests, "
+          f"lengths {cfg.lengths} s, {cfg.max_tokens} output tokens)")
 
 if __name__ == "__main__":
     main()

@@ -35,25 +35,14 @@ def request_audio(rows: list[dict], lengths_s: list[float], n: int) -> list[np.n
     return out
 
 
-def add_request_args(parser, max_tokens: int) -> None:
-    """Command-line options of the side-by-side benchmark scripts: a checkpoint and the
-    request set (`request_set`), with the number of interleaved rounds."""
-    parser.add_argument("checkpoint", nargs="?", type=Path, help="default: the tiny random base")
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=max_tokens)
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds, at least 5")
-    parser.add_argument("--lengths", type=float, nargs="+", default=[1.0, 3.0, 8.0])
-
-
-def request_set(args) -> tuple[Path, list[np.ndarray]]:
-    """(checkpoint, request audio) for options from `add_request_args`: the tiny random base
-    unless one is given, and synthetic test speech cut to `--lengths`."""
+def request_set(checkpoint: str | None, lengths_s: list[float], n: int) -> tuple[Path, list[np.ndarray]]:
+    """(checkpoint, request audio) of the side-by-side benchmark apps: the tiny random base
+    unless a checkpoint is given, and `n` clips of synthetic test speech cut to `lengths_s`."""
     from experiments.data import read_manifest
     from experiments.data.prepare import ensure_random_tiny, ensure_synthetic
 
-    check_rounds(args.rounds)
-    ckpt = args.checkpoint or ensure_random_tiny()
-    return ckpt, request_audio(read_manifest(ensure_synthetic()["test"]), args.lengths, args.requests)
+    ckpt = Path(checkpoint) if checkpoint else ensure_random_tiny()
+    return ckpt, request_audio(read_manifest(ensure_synthetic()["test"]), lengths_s, n)
 
 
 def interleaved_rounds(variants: dict, rounds: int) -> dict:

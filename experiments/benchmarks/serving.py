@@ -1,7 +1,7 @@
 """Online serving benchmark: `vllm serve` a checkpoint, run the load simulation, and
 compare engine settings side by side (seed 000's baseline vs FP8 KV cache table).
 
-    python -m experiments.benchmarks.serving <checkpoint dir> -n 200 -c 8 --compare fp8_kv
+    python -m experiments.benchmarks.serving checkpoint=DIR [manifest=FILE] [requests=200] [concurrency=8] [compare=[fp8_kv]]
 
 Each configuration gets its own server (started, measured, stopped) in this one run. A
 configuration the backend rejects (e.g. a KV-cache dtype the CPU backend lacks) is
@@ -10,10 +10,12 @@ reported as unavailable with vLLM's reason, and the other columns stand.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
 
 from experiments.metrics import format_table
 from experiments.serving.client import online_summary, served_model, simulate
@@ -45,28 +47,25 @@ def compare(model_dir: Path, names: list[str], sources: list[str], n: int, concu
     return {name: run_config(model_dir, (engine or {}) | CONFIGS[name], sources, n, concurrency, rate, max_tokens) for name in names}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--manifest", help="clips to cycle (default: the bundled assets)")
-    parser.add_argument("-n", "--requests", type=int, default=200)
-    parser.add_argument("-c", "--concurrency", type=int, default=8)
-    parser.add_argument("--rate", type=float, default=None)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--compare", nargs="*", default=["fp8_kv"], choices=list(CONFIGS))
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+@hydra.main(config_path="../../conf/apps", config_name="bench_serving", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     from experiments.serving.client import asset_names
 
-    sources = ([json.loads(line)["audio_filepath"] for line in open(args.manifest) if line.strip()]
-               if args.manifest else [f"asset:{a}" for a in asset_names()])
-    results = compare(args.checkpoint, ["baseline", *args.compare], sources, args.requests, args.concurrency, args.rate, args.max_tokens)
+    if unknown := [c for c in cfg.compare if c not in CONFIGS]:
+        raise SystemExit(f"compare={list(cfg.compare)}: unknown serve configs {unknown}; expected some of {list(CONFIGS)}")
+    sources = ([json.loads(line)["audio_filepath"] for line in open(cfg.manifest) if line.strip()]
+               if cfg.manifest else [f"asset:{a}" for a in asset_names()])
+    results = compare(Path(cfg.checkpoint), ["baseline", *cfg.compare], sources, cfg.requests, cfg.concurrency,
+                      cfg.rate, cfg.max_tokens)
     print(format_table(results))
     for name, r in results.items():
         if "unavailable" in r:
             print(f"{name}: unavailable on this backend: {r['unavailable']}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+    out = Path(HydraConfig.get().runtime.output_dir) / "serving.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":

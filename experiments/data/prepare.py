@@ -1,7 +1,7 @@
 """The `prepare` stage: the tiny default base checkpoint and the synthetic data exist.
 
     python -m experiments.data.prepare             # build what is missing (idempotent)
-    python -m experiments.data.prepare --hub-tiny  # + a tiny model in the hub layout of Qwen2-Audio-7B-Instruct
+    python -m experiments.data.prepare hub_tiny=true  # + a tiny model in the hub layout of Qwen2-Audio-7B-Instruct
 
 Both are cached under $Q2AP_CACHE (default ~/.cache/qwen2-audio-projectors), keyed by a
 hash of their spec, so a second call, another clone or CI reuses them.
@@ -9,8 +9,10 @@ hash of their spec, so a second call, another clone or CI reuses them.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
 
 from experiments.data import SyntheticSpec, build_synthetic, tokenizer_corpus
 from qwen2_audio_vllm.checkpoint import cache_root
@@ -40,20 +42,6 @@ def ensure_hub_tiny(spec: TinySpec = TinySpec()) -> Path:
 
 def ensure_synthetic(spec: SyntheticSpec = SyntheticSpec()) -> dict[str, Path]:
     return build_synthetic(cache_root() / "data" / f"synthetic-{spec.key()}", spec)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hub-tiny", action="store_true",
-                        help="also build the hub-shaped tiny directory (for QWEN2_AUDIO_7B_DIR) and print its path")
-    args = parser.parse_args()
-    print(f"[prepare] tiny random checkpoint: {ensure_random_tiny()}")
-    if args.hub_tiny:
-        print(f"[prepare] hub-shaped tiny Qwen2-Audio: {ensure_hub_tiny()}")
-
-
-if __name__ == "__main__":
-    main()
 
 
 def default_base() -> tuple[Path, dict[str, Path]]:
@@ -133,3 +121,14 @@ def _short_hash(s: str) -> str:
 def _mkparent(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@hydra.main(config_path="../../conf/apps", config_name="prepare", version_base=None)
+def main(cfg: DictConfig) -> None:
+    print(f"[prepare] tiny random checkpoint: {ensure_random_tiny()}")
+    if cfg.hub_tiny:
+        print(f"[prepare] hub-shaped tiny Qwen2-Audio: {ensure_hub_tiny()}")
+
+
+if __name__ == "__main__":
+    main()

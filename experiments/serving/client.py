@@ -1,8 +1,8 @@
 """Async OpenAI-compatible load client for `vllm serve` (seed 000's client, for any variant).
 
-    python -m experiments.serving.client single --base-url http://127.0.0.1:8000/v1 --audio asset:open_the_red_door
-    python -m experiments.serving.client single --audio path/to/clip.wav --prompt "Transcribe the audio."
-    python -m experiments.serving.client simulation --manifest test.jsonl -n 200 -c 8 [--rate 4]
+    python -m experiments.serving.client base_url=http://127.0.0.1:8000/v1 audio=asset:open_the_red_door
+    python -m experiments.serving.client audio=path/to/clip.wav 'prompt="Transcribe the audio."'
+    python -m experiments.serving.client mode=simulation manifest=test.jsonl requests=200 concurrency=8 [rate=4]
 
 Audio sources: a local file (sent as a base64 data URL), an http(s) URL (passed through),
 or `asset:<name>` for the clips bundled in experiments/assets/. Responses are streamed so
@@ -13,13 +13,15 @@ request is recorded and never stops the simulation.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import json
 import random
 import time
 from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
 
 from experiments.metrics import RequestRecord, format_table, summarize
 from experiments.serving.engine import TRANSCRIBE_PROMPT
@@ -154,38 +156,32 @@ async def served_model(base_url: str) -> str:
         return (await client.models.list()).data[0].id
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["single", "simulation"])
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
-    parser.add_argument("--audio", default="asset:open_the_red_door", help="file, http(s) URL or asset:<name>")
-    parser.add_argument("--prompt", default=TRANSCRIBE_PROMPT)
-    parser.add_argument("--manifest", help="simulation: JSONL manifest whose clips are cycled")
-    parser.add_argument("-n", "--requests", type=int, default=200)
-    parser.add_argument("-c", "--concurrency", type=int, default=8)
-    parser.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--json", help="write the metrics to this JSON file")
-    args = parser.parse_args()
+@hydra.main(config_path="../../conf/apps", config_name="client", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.mode not in ("single", "simulation"):
+        raise SystemExit(f"mode={cfg.mode}: expected single (one request) or simulation (a load run)")
 
     async def go() -> None:
-        model = await served_model(args.base_url)
-        if args.mode == "single":
+        model = await served_model(cfg.base_url)
+        if cfg.mode == "single":
             from openai import AsyncOpenAI
 
-            async with AsyncOpenAI(base_url=args.base_url, api_key="EMPTY") as client:
-                record, text = await request(client, model, args.audio, args.prompt, args.max_tokens)
+            async with AsyncOpenAI(base_url=cfg.base_url, api_key="EMPTY") as client:
+                record, text = await request(client, model, cfg.audio, cfg.prompt or TRANSCRIBE_PROMPT, cfg.max_tokens)
             print(text if record.ok else f"request failed: {record.error}")
             return
-        if args.manifest:
-            sources = [json.loads(line)["audio_filepath"] for line in open(args.manifest) if line.strip()]
+        if cfg.manifest:
+            sources = [json.loads(line)["audio_filepath"] for line in open(cfg.manifest) if line.strip()]
         else:
             sources = [f"asset:{a}" for a in asset_names()]
-        records, duration = await simulate(args.base_url, model, sources, args.requests, args.concurrency, args.rate, args.max_tokens)
-        summary = online_summary(records, duration, args.concurrency)
+        records, duration = await simulate(cfg.base_url, model, sources, cfg.requests, cfg.concurrency, cfg.rate, cfg.max_tokens)
+        summary = online_summary(records, duration, cfg.concurrency)
         print(format_table({"run": summary}))
-        if args.json:
-            Path(args.json).write_text(json.dumps(summary, indent=1))
+        out = Path(HydraConfig.get().runtime.output_dir) / "simulation.json"
+        out.write_text(json.dumps(summary, indent=1))
+        print(f"-> {out}")
 
     asyncio.run(go())
 

@@ -8,10 +8,10 @@
   window, each segment is one request (batched), and the transcripts are joined in order.
   Right for a model trained on short utterances (the tiny base: 1-3 s phrases).
 
-    python -m experiments.serving.long_form FILE.wav [...] --model DIR [--strategy segments|whole]
-    python -m experiments.serving.long_form --demo      # 75 s of known test utterances, both strategies
+    python -m experiments.serving.long_form files=[a.wav,b.wav] [model=DIR] [strategy=segments|whole]
+    python -m experiments.serving.long_form demo=true   # 75 s of known test utterances, both strategies
 
-`--demo` builds 75 s clips from held-out synthetic test utterances separated by pauses,
+`demo=true` builds 75 s clips from held-out synthetic test utterances separated by pauses,
 transcribes them through vLLM with the default tiny base (built by `experiments.run`'s prepare
 stage if missing) and reports WER for both strategies, written to outputs/long_form/. The
 same measurement for any aligned variant is the optional `long_form` stage of
@@ -20,12 +20,13 @@ same measurement for any aligned variant is the optional `long_form` stage of
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
 
+import hydra
 import numpy as np
+from omegaconf import DictConfig
 
 from experiments.data.audio import SAMPLE_RATE, load_audio
 
@@ -51,7 +52,7 @@ def pause_segments(
     than `min_segment_s` (clicks; too short for the encoder) are dropped, and silence gives
     no segments. The defaults cut segments the way utterance corpora (and espeak-ng) cut
     files: speech from the start, a pause at the end. They were picked on dev-split clips
-    (`--demo` reports test clips) because the tiny base, trained only on such files, is
+    (`demo=true` reports test clips) because the tiny base, trained only on such files, is
     sensitive to where a cut starts: on 3 dev clips of 75 s its WER was 24.8 % with
     lead_s=0, 31.5 % with 0.02 s and 36 % with 0.05 s (tail_s=0.3).
     """
@@ -193,41 +194,37 @@ def long_form_eval(ckpt: Path, rows: list[dict], seconds: float, n_clips: int, o
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", nargs="*", type=Path)
-    parser.add_argument("--model", type=Path, help="checkpoint directory (default: the tiny base)")
-    parser.add_argument("--strategy", choices=["segments", "whole"], default="segments")
-    parser.add_argument("--max-tokens", type=int, default=None, help="per segment (32) or per clip (256)")
-    parser.add_argument("--demo", action="store_true", help="75 s of known utterances, both strategies, WER")
-    parser.add_argument("--seconds", type=float, default=75.0)
-    parser.add_argument("--clips", type=int, default=3, help="--demo clips (disjoint utterances)")
-    args = parser.parse_args()
+@hydra.main(config_path="../../conf/apps", config_name="long_form", version_base=None)
+def main(cfg: DictConfig) -> None:
     from experiments.data import prepare
 
-    if args.demo:
+    if cfg.strategy not in ("segments", "whole"):
+        raise SystemExit(f"strategy={cfg.strategy}: expected segments (cut at pauses) or whole (encoder windows)")
+
+    if cfg.demo:
         from experiments.data import read_manifest
 
         base, manifests = prepare.default_base()
-        r = long_form_eval(base, read_manifest(manifests["test"]), args.seconds, args.clips, Path("outputs/long_form"))
+        r = long_form_eval(base, read_manifest(manifests["test"]), cfg.seconds, cfg.clips, Path("outputs/long_form"))
         print(f"{r['clips']} clips of {r['seconds']:.0f} s: utterances {r['utterances']}, segments found {r['segments_found']}")
         for s in ("own_files", "segments", "whole"):
             print(f"{s:>9}: WER {r[s]['wer']:.1%} [{r[s]['wer_ci_low']:.1%}, {r[s]['wer_ci_high']:.1%}]  "
                   f"CER {r[s]['cer']:.1%}  | {r[s]['hypotheses'][0][:80]}")
         print(f"{'ref':>9}: {r['references'][0][:80]}\n-> outputs/long_form/long_form.json")
         return
-    if not args.files:
-        parser.error("give audio files, or --demo")
+    if not cfg.files:
+        raise SystemExit("give audio files (files=[a.wav,b.wav]), or demo=true")
+    files = [Path(f) for f in cfg.files]
     from experiments.serving.engine import close_llm, make_llm
 
-    model = args.model or prepare.default_base()[0]
-    audios = [load_audio(f) for f in args.files]
-    if args.strategy == "whole":
+    model = Path(cfg.model) if cfg.model else prepare.default_base()[0]
+    audios = [load_audio(f) for f in files]
+    if cfg.strategy == "whole":
         model = with_windows(model, max(len(a) for a in audios), Path("outputs/long_form"))
     llm = make_llm(model, max_model_len=engine_len(model))
     try:
-        max_tokens = args.max_tokens or (32 if args.strategy == "segments" else 256)
-        for f, text in zip(args.files, transcribe_long(llm, audios, args.strategy, max_tokens), strict=True):
+        max_tokens = cfg.max_tokens or (32 if cfg.strategy == "segments" else 256)
+        for f, text in zip(files, transcribe_long(llm, audios, cfg.strategy, max_tokens), strict=True):
             print(f"{f}\t{text}")
     finally:
         close_llm(llm)

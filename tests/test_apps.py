@@ -1,0 +1,69 @@
+"""One way in: every user-facing job is `experiments.run` or a Hydra app beside it, each app's
+config composes, the README lists them all, and bad values get a message saying what to
+give."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+APPS = {  # module -> its config in conf/apps/
+    "experiments.evaluate": "evaluate",
+    "experiments.results": "results",
+    "experiments.derive": "derive",
+    "experiments.data.prepare": "prepare",
+    "experiments.benchmarks.fork": "bench_fork",
+    "experiments.benchmarks.cache": "bench_cache",
+    "experiments.benchmarks.features": "bench_features",
+    "experiments.benchmarks.serving": "bench_serving",
+    "experiments.serving.client": "client",
+    "experiments.serving.long_form": "long_form",
+}
+
+
+def entry_modules() -> set[str]:
+    """Modules that run something under `if __name__ == "__main__":`."""
+    out = set()
+    for f in [*ROOT.glob("experiments/**/*.py"), *ROOT.glob("qwen2_audio_vllm/**/*.py")]:
+        if re.search(r'^if __name__ == "__main__":', f.read_text(), re.M):
+            out.add(".".join(f.relative_to(ROOT).with_suffix("").parts))
+    return out
+
+
+def test_every_entry_point_is_hydra_and_listed_in_the_readme():
+    assert entry_modules() == {*APPS, "experiments.run"}
+    readme = (ROOT / "README.md").read_text()
+    for module, config in APPS.items():
+        source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
+        assert f'config_name="{config}"' in source and "argparse" not in source, module
+        assert f"python -m {module}" in readme, module
+
+
+@pytest.mark.parametrize("config", sorted(set(APPS.values())))
+def test_app_config_composes(config):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf" / "apps"), version_base=None):
+        cfg = compose(config)
+    first = (ROOT / "conf" / "apps" / f"{config}.yaml").read_text().splitlines()[0]
+    assert re.match(r"# python -m [\w.]+", first), "the file opens with its command"
+    assert len(cfg) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv,message", [
+    (["experiments.benchmarks.fork", "rounds=2"], "at least 5 alternating rounds"),
+    (["experiments.serving.long_form", "strategy=bogus"], "expected segments (cut at pauses) or whole"),
+    (["experiments.serving.long_form"], "give audio files (files=[a.wav,b.wav]), or demo=true"),
+    (["experiments.serving.client", "mode=bogus"], "expected single (one request) or simulation"),
+    (["experiments.benchmarks.serving", "checkpoint=/nope", "compare=[nope]"], "unknown serve configs ['nope']"),
+])
+def test_bad_values_say_what_to_give(argv, message, tmp_path):
+    run = subprocess.run([sys.executable, "-m", *argv, f"hydra.run.dir={tmp_path}"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
