@@ -43,3 +43,19 @@ def test_cli_flags_forms():
 
 def test_none_override_keeps_the_default():
     assert engine_kwargs("/m", gpu_memory_utilization=None)["gpu_memory_utilization"] in (0.3, 0.85)
+
+
+def test_audio_url_errors_become_client_errors():
+    """The plugin's mapping of vLLM's fetch failures to HTTP 400 (plugin.audio_url_error)."""
+    import aiohttp
+    from vllm.exceptions import VLLMValidationError
+
+    from qwen2_audio_vllm.plugin import audio_url_error
+
+    local = audio_url_error("file:///data/a.wav", RuntimeError("Cannot load local files without `--allowed-local-media-path`."))
+    assert isinstance(local, VLLMValidationError) and local.parameter == "audio_url"
+    assert "does not read local files" in str(local) and "base64 data URL" in str(local)
+    down = audio_url_error("http://10.0.0.1/a.wav", aiohttp.ServerTimeoutError("read timeout"))
+    assert isinstance(down, VLLMValidationError) and "could not be fetched (ServerTimeoutError" in str(down)
+    assert audio_url_error("http://x/a.wav", KeyError("a bug")) is None  # not the client's fault: stays a 500
+    assert audio_url_error("file:///a.wav", VLLMValidationError("already 4xx")) is None

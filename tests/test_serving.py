@@ -49,6 +49,26 @@ def test_bad_sources_fail_alone(server, tmp_path):
     assert record.ok, "the server must keep serving after bad requests"
 
 
+def test_unusable_audio_is_a_4xx_saying_what_to_send(server, speech_clips, tmp_path):
+    """NaN samples, a file:// URL the server may not read, an unreachable http:// URL: each
+    is the client's fault (HTTP 400, not retried) with a message saying what to send."""
+    import numpy as np
+    import soundfile as sf
+
+    nan = speech_clips[0][1].copy()
+    nan[100] = np.nan
+    sf.write(tmp_path / "nan.wav", nan, 16000, subtype="FLOAT")
+    record, _ = single(server, str(tmp_path / "nan.wav"))
+    assert record.error.startswith("BadRequestError 400") and "NaN or infinite samples; send finite PCM" in record.error
+    record, _ = single(server, f"file://{speech_clips[0][0]}")
+    assert record.error.startswith("BadRequestError 400") and "does not read local files" in record.error
+    assert "base64 data URL" in record.error
+    record, _ = single(server, "http://127.0.0.1:9/clip.wav")  # nothing listens on port 9
+    assert record.error.startswith("BadRequestError 400") and "could not be fetched" in record.error
+    assert "base64 data URL" in record.error
+    assert single(server, str(speech_clips[0][0]))[0].ok
+
+
 def test_simulation_50_requests_concurrency_8(server, speech_clips):
     sources = [str(p) for p, _, _ in speech_clips] + [f"asset:{a}" for a in asset_names()]
 

@@ -4,7 +4,8 @@
     python -m experiments.serving.client audio=path/to/clip.wav 'prompt="Transcribe the audio."'
     python -m experiments.serving.client mode=simulation manifest=test.jsonl requests=200 concurrency=8 [rate=4]
 
-Audio sources: a local file (sent as a base64 data URL), an http(s) URL (passed through),
+Audio sources: a local file (sent as a base64 data URL), an http(s) or file:// URL (passed
+through; the server fetches or refuses it),
 or `asset:<name>` for the clips bundled in experiments/assets/. Responses are streamed so
 each request's time to first token (TTFT) is measured. Each request has a timeout and is
 retried with exponential backoff on connection errors and 5xx/429; 4xx is final. A failed
@@ -35,7 +36,7 @@ def asset_names() -> list[str]:
 
 def audio_url(source: str) -> str:
     """A local path, an http(s) URL or asset:<name> -> the URL sent in the request."""
-    if source.startswith(("http://", "https://", "data:")):
+    if source.startswith(("http://", "https://", "data:", "file://")):  # the server fetches (or refuses) these
         return source
     if source.startswith("asset:"):
         path = ASSETS / f"{source[6:]}.wav"
@@ -54,7 +55,7 @@ def audio_seconds(source: str) -> float:
     files soundfile cannot read (the server decides whether they are audio)."""
     import soundfile as sf
 
-    if source.startswith(("http://", "https://", "data:")):
+    if source.startswith(("http://", "https://", "data:", "file://")):
         return 0.0
     path = ASSETS / f"{source[6:]}.wav" if source.startswith("asset:") else Path(source)
     try:
