@@ -67,3 +67,18 @@ def test_bad_values_say_what_to_give(argv, message, tmp_path):
     run = subprocess.run([sys.executable, "-m", *argv, f"hydra.run.dir={tmp_path}"], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
     assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+
+
+def test_default_config_composes_inside_another_app():
+    """experiments.results and long_form call data.prepare.default_base from inside their
+    own Hydra app; composing the main config there must work and leave the app's state."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from experiments.data.prepare import default_config
+
+    with initialize_config_dir(str(ROOT / "conf" / "apps"), version_base=None):
+        outer = compose("results")
+        cfg = default_config()
+        assert cfg.model.name == "tiny" and cfg.data.name == "synthetic"
+        assert GlobalHydra.instance().is_initialized() and compose("results").names == outer.names

@@ -44,14 +44,28 @@ def ensure_synthetic(spec: SyntheticSpec = SyntheticSpec()) -> dict[str, Path]:
     return build_synthetic(cache_root() / "data" / f"synthetic-{spec.key()}", spec)
 
 
-def default_base() -> tuple[Path, dict[str, Path]]:
-    """The default config's (conf/config.yaml) base checkpoint and data manifests, built if
-    missing: what `make run` trains and evaluates on."""
+def default_config():
+    """conf/config.yaml as `make run` composes it (no overrides); callable from inside
+    another Hydra app (experiments.results, long_form), whose state is put back after."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    outer = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(Path(__file__).resolve().parents[2] / "conf"), version_base=None):
+            return compose("config")
+    finally:
+        restore_gh_from_backup(outer)
+
+
+def default_base() -> tuple[Path, dict[str, Path]]:
+    """The default config's base checkpoint and data manifests, built if missing: what
+    `make run` trains and evaluates on."""
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(str(Path(__file__).resolve().parents[2] / "conf"), version_base=None):
-        cfg = compose("config")
+    cfg = default_config()
     artifacts = Path(cfg.artifacts_dir)
     manifests = ensure_data(OmegaConf.to_container(cfg.data, resolve=True), artifacts)
     return ensure_base(OmegaConf.to_container(cfg.model, resolve=True), manifests, artifacts), manifests
