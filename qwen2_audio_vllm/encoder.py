@@ -27,6 +27,7 @@ Used by the vLLM fork (its `audio_tower` is a `RealFramesEncoder`; switch
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
@@ -34,6 +35,29 @@ from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncod
 
 MEL_MARGIN = 8  # mel frames kept past a bucket's longest clip (the convolutions reach 2)
 BUCKET_RATIO = 1.25  # a bucket's longest clip is at most this times its shortest
+
+
+def mel_features(fe, audio: np.ndarray) -> tuple[torch.Tensor, int]:
+    """(n_mels, L + MEL_MARGIN) log-mel of one clip and its L real frames, equal to the first
+    frames of the window-padded features transformers' processor computes, at a fraction of
+    the cost. The waveform is zero-padded just far enough that every kept frame's STFT sees
+    what it sees in the padded window (zeros after the clip, never the reflection at the
+    signal's end), and the normalisation's max comes from the real frames either way. A clip
+    within that margin of the window is computed over the whole window, as transformers does."""
+    n = min(len(audio) + (MEL_MARGIN + 2) * fe.hop_length, fe.n_samples)
+    feats = fe(audio, sampling_rate=fe.sampling_rate, padding="max_length", max_length=n,
+               return_attention_mask=True, return_tensors="pt")
+    length = int(feats["attention_mask"].sum())
+    return feats["input_features"][0, :, : min(length + MEL_MARGIN, fe.nb_max_frames)], length
+
+
+def pad_mels(mels: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(n_mels, L_i + margin), L_i] -> features (B, n_mels, width) padded with each clip's
+    last (silence) column, and the mel attention mask (B, width)."""
+    width = max(m.shape[1] for m, _ in mels)
+    feats = torch.stack([torch.cat([m, m[:, -1:].expand(-1, width - m.shape[1])], 1) for m, _ in mels])
+    mask = torch.arange(width)[None, :] < torch.tensor([n for _, n in mels])[:, None]
+    return feats, mask.long()
 
 
 def output_lengths(mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from qwen2_audio_vllm.extensions.modality_inputs import (
     ModalityParser,
     ModalityProcessor,
 )
+from qwen2_audio_vllm.extensions.real_frames import RealFramesModel, RealFramesProcessor
 
 
 class Qwen2AudioSwapDataParser(AudioFramesParser, ModalityParser, model.Qwen2AudioMultiModalDataParser):
@@ -52,7 +53,8 @@ class Qwen2AudioSwapDummyInputsBuilder(ModalityDummyInputs, model.Qwen2AudioDumm
 
 
 class Qwen2AudioSwapMultiModalProcessor(
-    InputChecksProcessor, AudioFramesProcessor, ModalityProcessor, LongAudioProcessor, model.Qwen2AudioMultiModalProcessor
+    InputChecksProcessor, AudioFramesProcessor, ModalityProcessor, LongAudioProcessor, RealFramesProcessor,
+    model.Qwen2AudioMultiModalProcessor,
 ):
     pass
 
@@ -62,5 +64,7 @@ class Qwen2AudioSwapMultiModalProcessor(
     info=Qwen2AudioSwapProcessingInfo,
     dummy_inputs=Qwen2AudioSwapDummyInputsBuilder,
 )
-class Qwen2AudioSwapForConditionalGeneration(ModalityModel, AudioFramesModel, LongAudioModel, model.Qwen2AudioForConditionalGeneration):
+class Qwen2AudioSwapForConditionalGeneration(
+    ModalityModel, AudioFramesModel, LongAudioModel, RealFramesModel, model.Qwen2AudioForConditionalGeneration
+):
     pass

@@ -27,6 +27,27 @@ def test_buckets_group_similar_lengths():
     assert sorted(i for g in got for i in g) == list(range(len(lengths)))
 
 
+def test_processor_mel_is_the_window_features_prefix(tiny_base, length_sweep):
+    """What the fork's processor ships (extensions/real_frames.py: encoder.mel_features) is
+    the first frames of transformers' 30 s window features, bit for bit, from 0.1 s up to the
+    whole window, with the same real-frame count, and the padding keeps the silence column."""
+    from qwen2_audio_vllm.encoder import MEL_MARGIN, mel_features, pad_mels
+
+    fe = load_processor(tiny_base).feature_extractor
+    mels = []
+    for name, audio in length_sweep.items():
+        full = fe(audio, sampling_rate=SAMPLE_RATE, padding="max_length", return_attention_mask=True, return_tensors="pt")
+        mel, real = mel_features(fe, audio)
+        assert real == int(full["attention_mask"].sum()), name
+        assert mel.shape[1] == min(real + MEL_MARGIN, fe.nb_max_frames), name
+        assert torch.equal(mel, full["input_features"][0, :, : mel.shape[1]]), name
+        mels.append((mel, real))
+    feats, mask = pad_mels(mels)
+    assert feats.shape[-1] == fe.nb_max_frames and mask.sum(-1).tolist() == [r for _, r in mels]
+    short = mels[0][0]
+    assert torch.equal(feats[0, :, short.shape[1]:], short[:, -1:].expand(-1, feats.shape[-1] - short.shape[1]))
+
+
 def features(processor, clips):
     fe = processor.feature_extractor
     return fe(clips, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")

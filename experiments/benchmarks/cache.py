@@ -30,9 +30,10 @@ def main(cfg: DictConfig) -> None:
     from experiments.data import read_manifest
     from experiments.data.audio import load_audio
     from experiments.data.prepare import ensure_random_tiny, ensure_synthetic
-    from experiments.training.cache import load_or_build, mel_features, pad_frames, pad_mels
+    from experiments.training.cache import load_or_build, pad_frames
     from experiments.training.train import TextBatcher
     from qwen2_audio_vllm.checkpoint import cache_root, load_model, load_processor
+    from qwen2_audio_vllm.encoder import mel_features, pad_mels
 
     base = ensure_random_tiny()
     rows = read_manifest(ensure_synthetic()["train"])[: cfg.batch_size * 4]

@@ -26,30 +26,10 @@ from tqdm import tqdm
 
 from experiments.data.audio import load_audio
 from experiments.report import write_json_atomic
+from qwen2_audio_vllm.encoder import mel_features, pad_mels
 from qwen2_audio_vllm.hf import Qwen2AudioSwap
 
 SHARD = 512  # clips per shard
-MEL_MARGIN = 8  # mel frames kept past a clip: the encoder convolutions reach 2 frames
-
-
-def mel_features(fe, audio: np.ndarray) -> torch.Tensor:
-    """(n_mels, L + margin) log-mel of one clip, equal to the first frames of the 30 s padded
-    features vLLM computes (the waveform is zero-padded just far enough for the STFT), at a
-    fraction of the cost."""
-    n = len(audio) + (MEL_MARGIN + 2) * fe.hop_length
-    feats = fe(audio, sampling_rate=fe.sampling_rate, padding="max_length", max_length=n,
-               return_attention_mask=True, return_tensors="pt")
-    length = int(feats["attention_mask"].sum())
-    return feats["input_features"][0, :, : length + MEL_MARGIN], length
-
-
-def pad_mels(mels: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[(n_mels, L_i), valid L_i] -> features (B, n_mels, L_max) padded with each clip's last
-    (silence) column, and the mel attention mask (B, L_max)."""
-    width = max(m.shape[1] for m, _ in mels)
-    feats = torch.stack([torch.cat([m, m[:, -1:].expand(-1, width - m.shape[1])], 1) for m, _ in mels])
-    mask = torch.arange(width)[None, :] < torch.tensor([n for _, n in mels])[:, None]
-    return feats, mask.long()
 
 
 @torch.no_grad()

@@ -245,8 +245,8 @@ def pretrain(
     costs the clip lengths, not the 30 s window. All weights train, so they stay float32
     (bf16 runs them under autocast)."""
     from experiments.data.audio import load_audio
-    from experiments.training.cache import mel_features, pad_mels
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
+    from qwen2_audio_vllm.encoder import mel_features, pad_mels
     from qwen2_audio_vllm.encoder import output_lengths as encoder_lengths
 
     place = trainer.placement()
