@@ -37,6 +37,12 @@ MEL_MARGIN = 8  # mel frames kept past a bucket's longest clip (the convolutions
 BUCKET_RATIO = 1.25  # a bucket's longest clip is at most this times its shortest
 
 
+def trim_audio_padding(config) -> bool:
+    """config.json's "trim_audio_padding" (default true): encode, and compute the mel of,
+    each clip's real frames rather than the window."""
+    return getattr(config, "trim_audio_padding", True)
+
+
 def mel_features(fe, audio: np.ndarray) -> tuple[torch.Tensor, int]:
     """(n_mels, L + MEL_MARGIN) log-mel of one clip and its L real frames, equal to the first
     frames of the window-padded features transformers' processor computes, at a fraction of

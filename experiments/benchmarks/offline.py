@@ -57,10 +57,11 @@ def interleaved_rounds(variants: dict, rounds: int) -> dict:
     return seconds
 
 
-def speedup(baseline_s: list[float], faster_s: list[float]) -> dict[str, float]:
-    """Per-round time ratios baseline/faster (same work in both: the throughput ratio) as
-    {"median", "min", "max"}: what every benchmark here reports."""
-    ratios = [b / f for b, f in zip(baseline_s, faster_s, strict=True)]
+def speedup(numerators: list[float], denominators: list[float]) -> dict[str, float]:
+    """Per-round ratios numerator/denominator as {"median", "min", "max"}: what every
+    benchmark here reports. Of times (baseline's over the faster one's, same work in both)
+    it is the speed-up; bench_pair also passes per-round metrics, variant over baseline."""
+    ratios = [n / d for n, d in zip(numerators, denominators, strict=True)]
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
@@ -70,13 +71,13 @@ def check_rounds(rounds: int) -> None:
 
 
 class PeakMemory:
-    """Peak resident memory (GiB) of this process and its children (engines), sampled; also
-    per child, so `peak_of(pids)` gives the peak of one engine's processes."""
+    """Peak resident memory (GiB) of each child process of this one (the engines), sampled,
+    so `peak_of(pids)` gives the peak of one engine's processes."""
 
     def __init__(self, interval: float = 0.1) -> None:
         import psutil
 
-        self.proc, self.peak, self.interval = psutil.Process(), 0.0, interval
+        self.proc, self.interval = psutil.Process(), interval
         self.per_pid: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -84,9 +85,7 @@ class PeakMemory:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                procs = [self.proc, *self.proc.children(recursive=True)]
-                rss = {p.pid: p.memory_info().rss / 2**30 for p in procs}
-                self.peak = max(self.peak, sum(rss.values()))
+                rss = {p.pid: p.memory_info().rss / 2**30 for p in self.proc.children(recursive=True)}
                 for pid, gib in rss.items():
                     self.per_pid[pid] = max(self.per_pid.get(pid, 0.0), gib)
             except Exception:  # a child exited between listing and reading
@@ -181,11 +180,11 @@ def bench_pair(variant_dir: Path, baseline_dir: Path, rows: list[dict], lengths_
         order = sorted(range(rounds), key=lambda k: per_round[k]["request_throughput"])
         out[name] = per_round[order[(rounds - 1) // 2]] | {"peak_rss_gib": mem.peak_of(pids[name])}
     out["per_round"] = {name: [r["request_throughput"] for r in per_round] for name, per_round in summaries.items()}
-    ratio, low, high = {}, {}, {}
-    for key in RATIO_KEYS:
-        per_round = [v[key] / b[key] for v, b in zip(summaries["variant"], summaries["baseline"], strict=True)
-                     if b.get(key) and v.get(key) is not None]
-        if len(per_round) == rounds:
-            ratio[key], low[key], high[key] = statistics.median(per_round), min(per_round), max(per_round)
-    out |= {"ratio_vs_linear": ratio, "ratio_vs_linear_min": low, "ratio_vs_linear_max": high}
+    spread = {
+        key: speedup([v[key] for v in summaries["variant"]], [b[key] for b in summaries["baseline"]])
+        for key in RATIO_KEYS
+        if all(b.get(key) and v.get(key) is not None for v, b in zip(summaries["variant"], summaries["baseline"], strict=True))
+    }
+    out |= {f"ratio_vs_linear{suffix}": {key: s[stat] for key, s in spread.items()}
+            for suffix, stat in (("", "median"), ("_min", "min"), ("_max", "max"))}
     return out

@@ -28,6 +28,8 @@ from experiments.metrics import RequestRecord, format_table, summarize
 from experiments.serving.engine import TRANSCRIBE_PROMPT
 
 ASSETS = Path(__file__).parents[1] / "assets"
+# sources sent as they are: the server fetches (or refuses) them
+URL_PREFIXES = ("http://", "https://", "data:", "file://")
 
 
 def asset_names() -> list[str]:
@@ -36,7 +38,7 @@ def asset_names() -> list[str]:
 
 def audio_url(source: str) -> str:
     """A local path, an http(s) URL or asset:<name> -> the URL sent in the request."""
-    if source.startswith(("http://", "https://", "data:", "file://")):  # the server fetches (or refuses) these
+    if source.startswith(URL_PREFIXES):
         return source
     if source.startswith("asset:"):
         path = ASSETS / f"{source[6:]}.wav"
@@ -55,7 +57,7 @@ def audio_seconds(source: str) -> float:
     files soundfile cannot read (the server decides whether they are audio)."""
     import soundfile as sf
 
-    if source.startswith(("http://", "https://", "data:", "file://")):
+    if source.startswith(URL_PREFIXES):
         return 0.0
     path = ASSETS / f"{source[6:]}.wav" if source.startswith("asset:") else Path(source)
     try:

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from experiments.serving.engine import cli_flags, cpu_binding, engine_kwargs, has_cuda
+from experiments.serving.engine import cli_flags, engine_kwargs
 
 
 def free_port() -> int:
@@ -71,12 +71,9 @@ class Server:
 
         validate_checkpoint(self.model_dir)  # clear errors before a process starts
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = os.environ.copy()
-        if not has_cuda():
-            env.update(cpu_binding())
+        args = serve_args(self.model_dir, self.port, self.engine)  # on CPU, also sets the thread binding
         log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(serve_args(self.model_dir, self.port, self.engine), stdout=log,
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

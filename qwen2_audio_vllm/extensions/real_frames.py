@@ -15,17 +15,13 @@ import torch
 import torch.nn.functional as F
 from transformers import BatchFeature
 
-from qwen2_audio_vllm.encoder import mel_features, pad_mels
-
-
-def trims(config) -> bool:
-    return getattr(config, "trim_audio_padding", True)
+from qwen2_audio_vllm.encoder import mel_features, pad_mels, trim_audio_padding
 
 
 class RealFramesProcessor:
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         audios = hf_data.get("audio")
-        if not audios or not trims(self.info.get_hf_config()):
+        if not audios or not trim_audio_padding(self.info.get_hf_config()):
             return super()._call_hf_processor(hf_data, hf_kwargs)
         fe = self.info.get_feature_extractor()
         audios = list(audios) if isinstance(audios, (list, tuple)) else [audios]
