@@ -24,8 +24,10 @@ from tqdm import tqdm
 from experiments.data.audio import AudioError, load_audio
 from experiments.metrics import normalize_text, wer_cer
 
+MAX_TOKENS = 64  # open-vocabulary sentences of up to 11 words take ~30 BPE tokens on the tiny tokenizer
 
-def transcribe(llm, rows: list[dict], max_tokens: int = 32, batch: int = 64) -> list[dict]:
+
+def transcribe(llm, rows: list[dict], max_tokens: int = MAX_TOKENS, batch: int = 64) -> list[dict]:
     """Greedy transcripts for manifest rows: [{"hyp": str | None, "error": str | None,
     "output_tokens": int}]. A batch that fails is retried clip by clip so one bad request
     costs only itself."""
@@ -61,8 +63,9 @@ def transcribe(llm, rows: list[dict], max_tokens: int = 32, batch: int = 64) -> 
     return results
 
 
-def evaluate(llm, rows: list[dict], out_dir: Path, max_tokens: int = 32) -> dict:
-    """Transcribe `rows`, write utterances.jsonl into `out_dir`, return the metrics."""
+def evaluate(llm, rows: list[dict], out_dir: Path, max_tokens: int = MAX_TOKENS) -> dict:
+    """Transcribe `rows`, write utterances.jsonl into `out_dir`, return the metrics (with a
+    per-engine breakdown, `by_engine`, where the rows name their synthesis engine)."""
     t0 = time.perf_counter()
     results = transcribe(llm, rows, max_tokens)
     elapsed = time.perf_counter() - t0
@@ -73,26 +76,40 @@ def evaluate(llm, rows: list[dict], out_dir: Path, max_tokens: int = 32) -> dict
             f.write(json.dumps({
                 "audio_filepath": row["audio_filepath"], "duration": row["duration"],
                 "ref": row["text"], "hyp": res["hyp"], "error": res["error"],
+                **{k: row[k] for k in ("engine", "voice", "augment") if k in row},
                 "ref_norm": normalize_text(row["text"]),
                 "hyp_norm": None if res["hyp"] is None else normalize_text(res["hyp"]),
             }) + "\n")
     tmp.replace(out_dir / "utterances.jsonl")
     metrics = wer_cer([r["text"] for r in rows], [r["hyp"] for r in results])
+    engines = sorted({r["engine"] for r in rows if "engine" in r})
+    if engines:
+        metrics["by_engine"] = {
+            e: wer_cer([r["text"] for r in rows if r.get("engine") == e],
+                       [h["hyp"] for r, h in zip(rows, results, strict=True) if r.get("engine") == e])
+            for e in engines
+        }
     metrics["eval_seconds"] = elapsed
     metrics["eval_audio_seconds"] = sum(r["duration"] for r in rows)
     return metrics
 
 
 def evaluate_checkpoint(ckpt: Path, rows: list[dict], out_dir: Path, engine_overrides: dict[str, Any],
-                        max_tokens: int = 32) -> dict:
+                        max_tokens: int = MAX_TOKENS, more: dict[str, list[dict]] | None = None) -> dict:
     """Start an engine on `ckpt` (validated first), evaluate `rows`, stop it; metrics.json and
-    utterances.jsonl land in `out_dir`. Returns the metrics with the utterances path."""
+    utterances.jsonl land in `out_dir`. Returns the metrics with the utterances path.
+
+    more: further test sets ({name: rows}, e.g. test_noisy) scored on the same engine into
+    out_dir/<name>/; their metrics are returned (and stored) under their names."""
     from experiments.report import write_json_atomic
     from experiments.serving.engine import close_llm, make_llm
 
     llm = make_llm(ckpt, **engine_overrides)
     try:
         metrics = evaluate(llm, rows, out_dir, max_tokens)
+        for name, extra in (more or {}).items():
+            metrics[name] = evaluate(llm, extra, out_dir / name, max_tokens)
+            metrics[name]["utterances"] = str(out_dir / name / "utterances.jsonl")
     finally:
         close_llm(llm)
     metrics["utterances"] = str(out_dir / "utterances.jsonl")

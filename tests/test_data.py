@@ -1,4 +1,5 @@
-"""Synthetic speech manifests, LibriSpeech layout, manifest schema."""
+"""The synthetic corpus (open vocabulary, three engines, augmentation, noisy test split),
+LibriSpeech layout, manifest schema."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from experiments.data import (
     plan_synthetic,
     read_manifest,
 )
+from experiments.data.text import NAMES, TENS, sentences_for_splits, vocabulary
+from experiments.data.voices import ENGINES, TEST_VOICES, TRAIN_VOICES, EngineMissing
 
-SMALL = SyntheticSpec(seed=3, train=24, dev=4, test=8)
+SMALL = SyntheticSpec(seed=3, train=24, dev=4, test=9)
 
 
 @pytest.fixture(scope="module")
@@ -25,28 +28,106 @@ def small_synthetic(tmp_path_factory):
 
 
 def test_manifest_schema_and_audio(small_synthetic):
-    for split, n in (("train", 24), ("dev", 4), ("test", 8)):
+    counts = {"train": 48, "dev": 4, "test": 9, "test_noisy": 9}  # train: 24 clean + 24 augmented
+    for split, n in counts.items():
         rows = read_manifest(small_synthetic[split])
         assert len(rows) == n
         for row in rows:
             audio, sr = sf.read(row["audio_filepath"])
             assert sr == 16000 and audio.ndim == 1
             assert row["duration"] == pytest.approx(len(audio) / sr, abs=1e-3)
-            assert 0.3 < row["duration"] < 6 and 2 <= len(row["text"].split()) <= 6
+            assert 0.5 < row["duration"] < 10 and 4 <= len(row["text"].split()) <= 14
             assert np.abs(audio).max() > 0.01  # speech, not silence
+    engines = {r["engine"] for split in ("train", "test") for r in read_manifest(small_synthetic[split])}
+    assert engines == set(ENGINES)
 
 
-def test_test_voices_never_heard_in_training(small_synthetic):
-    voices = {s: {r["voice"] for r in read_manifest(small_synthetic[s])} for s in ("train", "dev", "test")}
-    assert voices["test"] and not voices["test"] & (voices["train"] | voices["dev"])
+def test_test_voices_of_every_engine_never_heard_in_training(small_synthetic):
+    for engine in ENGINES:
+        assert TEST_VOICES[engine] and not set(TEST_VOICES[engine]) & set(TRAIN_VOICES[engine])
+    # nor the speakers: slt and awb are in no engine's training voices, espeak's test accents in none
+    trained = {v.split("+")[0] for voices in TRAIN_VOICES.values() for v in voices}
+    tested = {v.split("+")[0] for voices in TEST_VOICES.values() for v in voices}
+    assert not {"slt", "awb", "cmu_us_slt_arctic_hts"} & trained and not tested & trained
+    heard = {(r["engine"], r["voice"]) for s in ("train", "dev") for r in read_manifest(small_synthetic[s])}
+    test = {(r["engine"], r["voice"]) for r in read_manifest(small_synthetic["test"])}
+    assert {e for e, _ in test} == set(ENGINES) and not test & heard
+
+
+def test_sentences_unseen_in_training_over_an_open_vocabulary():
+    spec = SyntheticSpec()
+    texts = sentences_for_splits(spec.seed, {"train": spec.train, "dev": spec.dev, "test": spec.test})
+    train = set(texts["train"])
+    assert not train & set(texts["dev"]) and not train & set(texts["test"]) and not set(texts["dev"]) & set(texts["test"])
+    words = vocabulary([s for split in texts.values() for s in split])
+    assert len(words) >= 2000
+    assert words & set(NAMES) and words & set(TENS) and any(s.startswith("my number is") for s in texts["test"])
+
+
+def test_noisy_split_is_the_test_clips_at_the_stated_snr(small_synthetic):
+    clean = {r["name"]: r for r in read_manifest(small_synthetic["test"])}
+    noisy = read_manifest(small_synthetic["test_noisy"])
+    assert {r["augment"] for r in noisy} == {"white@10dB", "babble@10dB"}
+    for row in noisy:
+        source = clean[row["source"]]
+        assert row["text"] == source["text"] and row["voice"] == source["voice"]
+        x, _ = sf.read(source["audio_filepath"])
+        y, _ = sf.read(row["audio_filepath"])
+        snr = 10 * np.log10(np.mean(x**2) / np.mean((y - x) ** 2))
+        assert snr == pytest.approx(SMALL.noisy_snr_db, abs=0.5)
+
+
+def test_augmented_training_copies(small_synthetic):
+    rows = read_manifest(small_synthetic["train"])
+    clean = {r["name"]: r for r in rows if "augment" not in r}
+    copies = [r for r in rows if "augment" in r]
+    assert len(copies) == len(clean) == SMALL.train
+    applied = set()
+    for row in copies:
+        source = clean[row["source"]]
+        assert row["text"] == source["text"]
+        x, _ = sf.read(source["audio_filepath"])
+        y, _ = sf.read(row["audio_filepath"])
+        assert len(x) != len(y) or not np.allclose(x, y, atol=1e-3) or row["augment"] == ""
+        applied |= set(filter(None, row["augment"].split(",")))
+    assert {"AddGaussianSNR", "AddBackgroundNoise", "Gain"} <= applied
 
 
 def test_deterministic_and_cached(small_synthetic, tmp_path):
-    assert list(plan_synthetic(SMALL)) == list(plan_synthetic(SMALL))
-    assert list(plan_synthetic(SMALL)) != list(plan_synthetic(SyntheticSpec(seed=4, train=24, dev=4, test=8)))
+    assert plan_synthetic(SMALL) == plan_synthetic(SMALL)
+    assert plan_synthetic(SMALL) != plan_synthetic(SyntheticSpec(seed=4, train=24, dev=4, test=9))
     before = small_synthetic["train"].stat().st_mtime_ns
     again = build_synthetic(small_synthetic["train"].parent, SMALL)
     assert again == small_synthetic and again["train"].stat().st_mtime_ns == before
+
+
+def test_missing_engine_named_with_its_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no synthesis engine on PATH
+    with pytest.raises(EngineMissing, match=r"festival is not installed: install it with `sudo apt-get install -y "
+                                            r"festival festvox-kallpc16k festvox-us-slt-hts`"):
+        build_synthetic(tmp_path / "data", SMALL)
+    assert not (tmp_path / "data").exists()
+
+
+def test_silent_or_empty_renderings_are_dropped_with_a_count(tmp_path, monkeypatch):
+    """espeak-ng really renders "," as a pause and "" as a few samples: neither reaches a manifest."""
+    import experiments.data as data
+
+    spec = SyntheticSpec(seed=9, train=3, dev=1, test=3, engines=("espeak-ng",), augment=0.0)
+    real_plan = data.plan_synthetic
+
+    def with_bad_rows(s):
+        rows = real_plan(s)
+        rows[0] = rows[0] | {"text": ","}
+        rows[1] = rows[1] | {"text": ""}
+        return rows
+
+    monkeypatch.setattr(data, "plan_synthetic", with_bad_rows)
+    out = build_synthetic(tmp_path / "data", spec, workers=2)
+    report = json.loads((tmp_path / "data" / "report.json").read_text())
+    assert report["dropped"] == {"silent": 1, "too short or empty": 1}
+    train = read_manifest(out["train"])
+    assert [r["name"] for r in train] == ["train_00002"]
 
 
 def test_librispeech_layout(tmp_path, speech_clips):

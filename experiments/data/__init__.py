@@ -3,87 +3,53 @@
 Every dataset ends as JSONL manifests, one per split, of rows
 `{"audio_filepath": str, "duration": float (s), "text": str, ...}` (NeMo's schema).
 
-`synthetic` renders short English utterances (digits, numbers, colours, commands, simple
-sentences) with espeak-ng at 16 kHz mono. The test split uses voices never heard in
-training, so a WER on it measures generalisation to new speakers. Deterministic given the
-seed; generated once into the cache and reused.
+`synthetic` renders open-vocabulary English sentences (experiments.data.text: thousands of
+distinct words, names and numbers; no dev or test sentence occurs in training) with three
+synthesis engines (experiments.data.voices: espeak-ng, festival, flite) at 16 kHz mono.
+Splits: train (clean clips plus augmented copies, experiments.data.augment), dev, test
+(voices of every engine never heard in training) and test_noisy (the test clips with noise
+at 10 dB SNR). Deterministic given the spec; rendered once into the cache, in parallel, and
+reused.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 
-from experiments.data.audio import SAMPLE_RATE, to_model_audio
+from experiments.data.audio import SAMPLE_RATE
+from experiments.data.voices import ENGINES, TEST_VOICES, TRAIN_VOICES
 
-DIGITS = "zero one two three four five six seven eight nine".split()
-TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
-TEENS = "ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
-COLOURS = "red green blue yellow black white orange purple brown pink grey".split()
-OBJECTS = "ball door light window box car book cup chair table phone key bag hat".split()
-VERBS = "open close turn stop start move take find show bring".split()
-NAMES = "anna peter maria john lucy david sarah tom".split()
-PLACES = ["home", "school", "the park", "the office", "the station", "the shop"]
-ADVERBS = "now today later again please".split()
-
-TRAIN_VOICES = ("en+m1", "en+m2", "en+m3", "en+f1", "en+f2", "en-us+m1", "en-us+f1", "en+m4")
-TEST_VOICES = ("en+m5", "en+f3", "en-us+m3")
-
-
-def number_words(rng: random.Random) -> str:
-    n = rng.randrange(10, 100)
-    if n < 20:
-        return TEENS[n - 10]
-    tens, ones = divmod(n, 10)
-    return TENS[tens - 2] + ("" if ones == 0 else " " + DIGITS[ones])
-
-
-def random_text(rng: random.Random) -> str:
-    """One 2-6 word utterance from a small grammar."""
-    kind = rng.randrange(6)
-    if kind == 0:
-        return " ".join(rng.choice(DIGITS) for _ in range(rng.randint(2, 5)))
-    if kind == 1:
-        return f"{number_words(rng)} {rng.choice(OBJECTS)}s"
-    if kind == 2:
-        return f"the {rng.choice(COLOURS)} {rng.choice(OBJECTS)}"
-    if kind == 3:
-        tail = f" {rng.choice(ADVERBS)}" if rng.random() < 0.5 else ""
-        return f"{rng.choice(VERBS)} the {rng.choice(OBJECTS)}{tail}"
-    if kind == 4:
-        return f"{rng.choice(NAMES)} went to {rng.choice(PLACES)}"
-    return f"{rng.choice(NAMES)} has a {rng.choice(COLOURS)} {rng.choice(OBJECTS)}"
+TEST_SPLITS = ("test", "test_noisy")
 
 
 def tokenizer_corpus() -> list[str]:
-    """Text the tiny tokenizer is trained on: every word of the grammar plus prompt words."""
-    words = DIGITS + TENS + TEENS + COLOURS + OBJECTS + VERBS + NAMES + PLACES + ADVERBS
+    """Text the tiny tokenizer is trained on: prompt words, the lexicon and training sentences."""
+    from experiments.data.text import NAMES, lexicon, sentences_for_splits
+
     prompt = ["user assistant system Audio 1: Transcribe the audio. Transcribe the speech."]
-    rng = random.Random(0)
-    return prompt + [" ".join(words)] + [random_text(rng) for _ in range(5000)]
+    words = [w for words, _ in lexicon().values() for w in words] + NAMES
+    return prompt + [" ".join(words)] + sentences_for_splits(0, {"train": 5000})["train"]
 
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    version: int = 2  # bump when the grammar or rendering changes: new cache key
+    version: int = 3  # bump when the text, voices, rendering or augmentation change: new cache key
     seed: int = 0
     train: int = 4000
     dev: int = 200
-    test: int = 200
-    train_voices: tuple[str, ...] = TRAIN_VOICES
-    test_voices: tuple[str, ...] = TEST_VOICES
-    speed: tuple[int, int] = (130, 200)
-    pitch: tuple[int, int] = (30, 70)
-    splits: tuple[str, ...] = field(default=("train", "dev", "test"), repr=False)
+    test: int = 300
+    engines: tuple[str, ...] = ENGINES
+    augment: float = 1.0  # augmented copies of the training clips, as a fraction of them
+    noisy_snr_db: float = 10.0  # the test_noisy split: each test clip with noise at this SNR
 
     def key(self) -> str:
         import hashlib
@@ -91,64 +57,137 @@ class SyntheticSpec:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def render(text: str, path: Path, voice: str, speed: int, pitch: int) -> float:
-    """espeak-ng -> 16 kHz mono WAV at `path`; returns the duration in seconds."""
-    with tempfile.NamedTemporaryFile(suffix=".wav") as raw:
-        subprocess.run(
-            ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", raw.name, text],
-            check=True,
-            capture_output=True,
-        )
-        samples, sr = sf.read(raw.name, dtype="float32")
-    audio = to_model_audio(samples, sr, f"espeak-ng {voice!r}")
-    sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
-    return round(len(audio) / SAMPLE_RATE, 3)
+def plan_synthetic(spec: SyntheticSpec) -> list[dict]:
+    """Every clean utterance as a manifest row without audio: split, name, text, engine,
+    voice, speed, pitch. Engines take turns; train and dev use training voices, test never
+    does. Deterministic given the spec."""
+    from experiments.data.text import sentences_for_splits
 
-
-def plan_synthetic(spec: SyntheticSpec) -> Iterator[tuple[str, int, str, str, int, int]]:
-    """(split, index, text, voice, speed, pitch) for every utterance, deterministic."""
     rng = random.Random(spec.seed)
-    for split in spec.splits:
-        voices = spec.test_voices if split == "test" else spec.train_voices
-        for i in range(getattr(spec, split)):
-            yield split, i, random_text(rng), rng.choice(voices), rng.randint(*spec.speed), rng.randint(*spec.pitch)
+    texts = sentences_for_splits(spec.seed, {"train": spec.train, "dev": spec.dev, "test": spec.test})
+    rows = []
+    for split, sentences in texts.items():
+        voices = TEST_VOICES if split == "test" else TRAIN_VOICES
+        for i, text in enumerate(sentences):
+            engine = spec.engines[i % len(spec.engines)]
+            rows.append({"split": split, "name": f"{split}_{i:05d}", "text": text, "engine": engine,
+                         "voice": rng.choice(voices[engine]), "speed": round(rng.random(), 3), "pitch": round(rng.random(), 3)})
+    return rows
 
 
-def build_synthetic(out_dir: Path, spec: SyntheticSpec = SyntheticSpec(), workers: int = 4) -> dict[str, Path]:
-    """Render the dataset into `out_dir` (once: an existing complete dataset is reused) and
-    return {split: manifest path}."""
-    manifests = {s: out_dir / f"{s}.jsonl" for s in spec.splits}
-    done = out_dir / ".complete"
-    if done.exists():
+def clip_problem(path: Path) -> str | None:
+    """Why a rendered clip cannot be used (None if it can): missing, unreadable, too short or
+    silent."""
+    from experiments.data.audio import AudioError, load_audio
+
+    try:
+        x = load_audio(path)
+    except AudioError as err:
+        return "unreadable" if "readable" in str(err) or "no such" in str(err) else "too short or empty"
+    if float(np.abs(x).max()) < 1e-3:
+        return "silent"
+    return None
+
+
+def build_synthetic(out_dir: Path, spec: SyntheticSpec = SyntheticSpec(), workers: int | None = None) -> dict[str, Path]:
+    """Render the corpus into `out_dir` (once: an existing complete corpus is reused) and return
+    {split: manifest}: train (clean + augmented copies), dev, test and test_noisy.
+
+    A clip that comes out corrupt or silent is dropped here with a count in `report.json`
+    and never reaches a manifest."""
+    from experiments.data.voices import Rendering, check_engines, render_batch
+
+    splits = ("train", "dev", *TEST_SPLITS)
+    manifests = {s: out_dir / f"{s}.jsonl" for s in splits}
+    if (out_dir / ".complete").exists():
         return manifests
+    check_engines(spec.engines)
+    workers = workers or os.cpu_count() or 2
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "wav").mkdir(parents=True)
-    plan = list(plan_synthetic(spec))
-
-    def one(item: tuple[str, int, str, str, int, int]) -> dict:
-        split, i, text, voice, speed, pitch = item
-        name = f"{split}_{i:05d}.wav"
-        duration = render(text, tmp / "wav" / name, voice, speed, pitch)
-        return {
-            "audio_filepath": str(out_dir / "wav" / name),
-            "duration": duration,
-            "text": text,
-            "voice": voice,
-            "split": split,
-        }
-
+    for sub in ("raw", "wav", "babble"):
+        (tmp / sub).mkdir(parents=True)
+    plan = plan_synthetic(spec)
+    jobs = [Rendering(r["text"], r["engine"], r["voice"], r["speed"], r["pitch"], tmp / "raw" / f"{r['name']}.wav") for r in plan]
+    per_engine = [[j for j in jobs if j.engine == e] for e in spec.engines]
+    batches = [js[i : i + 50] for js in per_engine for i in range(0, len(js), 50)]
     from tqdm import tqdm
 
     with ThreadPoolExecutor(workers) as pool:
-        rows = list(tqdm(pool.map(one, plan), total=len(plan), desc="espeak-ng", unit="clip"))
-    for split in spec.splits:
-        write_manifest(tmp / f"{split}.jsonl", [r for r in rows if r["split"] == split])
+        list(tqdm(pool.map(render_batch, batches), total=len(batches), desc="synthesise", unit="batch"))
+    dropped: dict[str, int] = {}
+
+    def keep(row: dict, raw: Path) -> bool:
+        problem = clip_problem(raw)
+        if problem:
+            dropped[problem] = dropped.get(problem, 0) + 1
+            return False
+        from experiments.data.audio import load_audio
+
+        audio = load_audio(raw)
+        sf.write(tmp / "wav" / f"{row['name']}.wav", audio, SAMPLE_RATE, subtype="PCM_16")
+        row["duration"] = round(len(audio) / SAMPLE_RATE, 3)
+        return True
+
+    with ThreadPoolExecutor(workers) as pool:
+        kept = list(pool.map(lambda r: keep(r, tmp / "raw" / f"{r['name']}.wav"), plan))
+    rows = [r for r, ok in zip(plan, kept, strict=True) if ok]
+    shutil.rmtree(tmp / "raw")
+    by_split = {s: [r for r in rows if r["split"] == s] for s in ("train", "dev", "test")}
+    by_split["train"] += _augmented(tmp, by_split["train"], "train", spec, workers)
+    by_split["test_noisy"] = _augmented(tmp, by_split["test"], "test_noisy", spec, workers)
+    for split, split_rows in by_split.items():
+        for r in split_rows:
+            r["audio_filepath"] = str(out_dir / "wav" / f"{r['name']}.wav")
+        write_manifest(tmp / f"{split}.jsonl", split_rows)
+    from experiments.data.text import vocabulary
+
+    report = {"clips": {s: len(v) for s, v in by_split.items()}, "dropped": dropped,
+              "vocabulary": len(vocabulary([r["text"] for r in rows])),
+              "train_vocabulary": len(vocabulary([r["text"] for r in by_split["train"]]))}
+    if dropped:
+        print(f"[data] dropped {sum(dropped.values())} rendered clips: {dropped}")
+    (tmp / "report.json").write_text(json.dumps(report, indent=1))
     (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=1))
     (tmp / ".complete").touch()
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return manifests
+
+
+def _augmented(tmp: Path, rows: list[dict], split: str, spec: SyntheticSpec, workers: int) -> list[dict]:
+    """Augmented copies of `rows` (written under tmp/wav): the training chain for split
+    'train' (a spec.augment fraction of the clips), noise at spec.noisy_snr_db for
+    'test_noisy' (white and babble in turn). Babble is made from other clips of the same split."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from experiments.data.augment import augment_file, write_babble
+
+    if not rows:
+        return []
+    wav = tmp / "wav"
+    rng = random.Random(spec.seed + len(split))
+    babble = write_babble([wav / f"{r['name']}.wav" for r in rows], tmp / "babble" / split, 24, spec.seed)
+    if split == "train":
+        chosen = rng.sample(rows, round(spec.augment * len(rows)))
+        kinds = ["train"] * len(chosen)
+    else:
+        chosen, kinds = rows, ["white" if i % 2 == 0 else "babble" for i in range(len(rows))]
+    jobs = [(wav / f"{r['name']}.wav", wav / f"{split}_{r['name']}.wav", spec.seed * 100003 + i, kind,
+             spec.noisy_snr_db, babble) for i, (r, kind) in enumerate(zip(chosen, kinds, strict=True))]
+    from tqdm import tqdm
+
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        done = list(tqdm(pool.map(augment_file, jobs, chunksize=16), total=len(jobs), desc=f"augment {split}", unit="clip"))
+    out = []
+    for r, kind, (target, transforms) in zip(chosen, kinds, done, strict=True):
+        name = Path(target).stem
+        info = sf.info(target)
+        augmentation = ",".join(transforms) if kind == "train" else f"{kind}@{spec.noisy_snr_db:g}dB"
+        out.append(r | {"split": split, "name": name, "duration": round(info.duration, 3), "augment": augmentation,
+                        "source": r["name"]})
+    return out
 
 
 def write_manifest(path: Path, rows: list[dict]) -> None:

@@ -76,7 +76,10 @@ def ensure_data(data: dict, artifacts: Path) -> dict[str, Path]:
     from experiments.data import librispeech_manifest
 
     if data["name"] == "synthetic":
-        return ensure_synthetic(SyntheticSpec(seed=data["seed"], train=data["train"], dev=data["dev"], test=data["test"]))
+        fields = ("seed", "train", "dev", "test", "augment", "noisy_snr_db")
+        spec = SyntheticSpec(**{k: data[k] for k in fields if k in data},
+                             **({"engines": tuple(data["engines"])} if "engines" in data else {}))
+        return ensure_synthetic(spec)
     if data["name"] == "librispeech":
         out = {}
         for split in ("train", "dev", "test"):
@@ -119,7 +122,7 @@ def ensure_base(model: dict, manifests: dict[str, Path], artifacts: Path, traine
 
     settings = TrainSettings(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], warmup=p["warmup"], eval_every=p["eval_every"])
     result = pretrain(ensure_random_tiny(spec), read_manifest(manifests["train"]), read_manifest(manifests["dev"]), out,
-                      settings, trainer or TrainerSettings())
+                      settings, trainer or TrainerSettings(), ctc_weight=p.get("ctc_weight", 0.0))
     from experiments.report import write_json_atomic
 
     write_json_atomic(out / "pretrain.json", result)

@@ -232,6 +232,25 @@ def mean_loss(loss_on: LossFn, n: int, batch_size: int) -> float:
     return total / max(count, 1)
 
 
+class CtcHead(torch.nn.Module):
+    """Pooled encoder frames -> token log-probabilities (+ a blank), for the auxiliary CTC
+    loss of pretraining. Not part of the exported checkpoint."""
+
+    def __init__(self, d_audio: int, n_tokens: int) -> None:
+        super().__init__()
+        self.blank = n_tokens
+        self.proj = torch.nn.Linear(d_audio, n_tokens + 1)
+
+    def loss(self, frames: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+        """Summed CTC loss of a batch (zero_infinity: a clip too short for its transcript adds 0)."""
+        log_probs = self.proj(frames.float()).log_softmax(-1).transpose(0, 1)  # (T, B, C)
+        flat = torch.tensor([t for ts in targets for t in ts], device=frames.device)
+        return torch.nn.functional.ctc_loss(
+            log_probs, flat, lengths.to(frames.device), torch.tensor([len(t) for t in targets], device=frames.device),
+            blank=self.blank, reduction="sum", zero_infinity=True,
+        )
+
+
 def pretrain(
     base_dir: Path,
     train_rows: list[dict],
@@ -239,11 +258,19 @@ def pretrain(
     out_dir: Path,
     s: TrainSettings,
     trainer: TrainerSettings = TrainerSettings(),
+    ctc_weight: float = 0.0,
 ) -> dict:
     """Train every weight of the (random) checkpoint at `base_dir` on the transcripts and
     export the best one to `out_dir`. Encoder inputs are trimmed mel features, so a step
     costs the clip lengths, not the 30 s window. All weights train, so they stay float32
-    (bf16 runs them under autocast)."""
+    (bf16 runs them under autocast).
+
+    ctc_weight > 0 adds a CTC loss on the encoder's pooled frames (a linear head over the
+    tokenizer's vocabulary, dropped at export), weighted against the LM loss per token. From
+    scratch, the LLM otherwise learns the sentences' language model long before the encoder
+    learns to hear, and on open-vocabulary text it stops listening (hybrid CTC/attention
+    training keeps the encoder on the transcript). The dev loss used to pick the best
+    weights is the LM loss alone."""
     from experiments.data.audio import load_audio
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
     from qwen2_audio_vllm.encoder import mel_features, pad_mels
@@ -258,24 +285,33 @@ def pretrain(
     }
     texts = {"train": [r["text"] for r in train_rows], "dev": [r["text"] for r in dev_rows]}
     batcher = TextBatcher(processor.tokenizer, model.audio_token_id)
+    ctc = CtcHead(model.config.audio_config.d_model, len(processor.tokenizer)).to(place.device)
+    trained = torch.nn.ModuleDict({"model": model, "ctc": ctc}) if ctc_weight > 0 else model
 
-    def loss_for(split: str) -> LossFn:
+    def loss_for(split: str, with_ctc: bool) -> LossFn:
         def loss_on(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             feats, mask = pad_mels([mels[split][i] for i in idx])
-            audio = model.audio_embeddings(feats.to(place.device), mask.to(place.device))
-            batch = batcher([texts[split][i] for i in idx], [a.shape[0] for a in audio])
-            return model.token_loss(audio_embeds=audio, **{k: v.to(place.device) for k, v in batch.items()})
+            frames, lengths = model.encode_audio(feats.to(place.device), mask.to(place.device))
+            audio = model.project(frames, lengths)
+            batch_texts = [texts[split][i] for i in idx]
+            batch = batcher(batch_texts, [a.shape[0] for a in audio])
+            total, count = model.token_loss(audio_embeds=audio, **{k: v.to(place.device) for k, v in batch.items()})
+            if with_ctc:
+                targets = processor.tokenizer(batch_texts, add_special_tokens=False)["input_ids"]
+                total = total + ctc_weight * ctc.loss(frames, lengths, targets)
+            return total, count
 
         return loss_on
 
     pooled = encoder_lengths(torch.tensor([n for _, n in mels["train"]]))[1].tolist()
     lengths = batcher.lengths(texts["train"], pooled)
     result, best = fit(
-        model, model, loss_for("train"),
-        lambda: mean_loss(loss_for("dev"), len(dev_rows), s.batch_size),
+        model, trained, loss_for("train", ctc_weight > 0),
+        lambda: mean_loss(loss_for("dev", False), len(dev_rows), s.batch_size),
         batches(lengths, s.batch_size, _budget(trainer), s.seed), s, place, "pretrain",
     )
-    export_best(model, model, best, processor, out_dir)
+    export_best(model, trained, best, processor, out_dir)
+    result["ctc_weight"] = ctc_weight
     return result
 
 

@@ -1,0 +1,39 @@
+"""The encoder/LLM cost split: FLOPs from the dims, and the twin's measured split."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments.benchmarks.cost_split import flops, flops_split, measured_split, model_dims
+
+
+def test_flops_of_the_7b_dims():
+    """Whisper-large's 32 layers over 1,500 positions and Qwen-7B over the request's tokens,
+    worked by hand: the encoder is 2 x 0.64 B x 1,500 = 1.9 TFLOPs of matmuls a 30 s window plus ~0.4 of
+    attention; the LLM ~13 GFLOPs a token."""
+    d = model_dims("qwen2-audio-7b-random")
+    padded, trimmed = flops(d, 4.0, 4.0, padded=True), flops(d, 4.0, 4.0, padded=False)
+    assert padded["llm"] == trimmed["llm"]
+    assert 1.6e12 < padded["encoder"] < 2.4e12  # ~2 x 0.63 B x 1500 + attention
+    # 1,500 vs 200 positions: 7.5x the matmuls, and attention grows with the square
+    assert 7.5 < padded["encoder"] / trimmed["encoder"] < 9.5
+    tokens = 24 + 100 + 17
+    assert 12e9 * tokens < trimmed["llm"] < 16e9 * tokens
+
+
+def test_small_is_sized_like_7b_and_tiny_is_not():
+    lengths = [1, 2, 4, 8]
+    big = flops_split(model_dims("qwen2-audio-7b-random"), lengths, 4.0)
+    small = flops_split(model_dims("small"), lengths, 4.0)
+    tiny = flops_split(model_dims("tiny"), lengths, 4.0)
+    for k in big:
+        assert small[k]["llm_share_trimmed"] == pytest.approx(big[k]["llm_share_trimmed"], abs=0.03)
+        assert tiny[k]["llm_share_trimmed"] < big[k]["llm_share_trimmed"] - 0.3
+
+
+def test_measured_split_on_the_twin():
+    r = measured_split(model_dims("tiny"), [1, 4], 4.0, rounds=5)
+    for m in r.values():
+        assert 0 < m["llm_share_min"] <= m["llm_share"] <= m["llm_share_max"] < 1
+        assert m["encoder_ms"] > 0 and m["llm_ms"] > 0
+    assert r["4s"]["encoder_ms"] > r["1s"]["encoder_ms"]  # real frames only: longer clips cost more
