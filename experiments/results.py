@@ -32,8 +32,13 @@ PY = [sys.executable, "-m"]
 def entries() -> dict[str, tuple[str, Command]]:
     """name -> (README section, argv given (output dir, base checkpoint, manifests))."""
     return {
-        "base_wer": ("Results: base model WER/CER on the test split", lambda out, base, m: [
+        "base_wer": ("The testbed: base model WER/CER on the clean held-out split", lambda out, base, m: [
             *PY, "experiments.evaluate", f"checkpoint={base}", f"data.manifest={m['test']}", f"hydra.run.dir={out / 'base_wer'}"]),
+        "base_wer_noisy": ("The testbed: base model WER/CER on the noisy held-out split (10 dB)", lambda out, base, m: [
+            *PY, "experiments.evaluate", f"checkpoint={base}", f"data.manifest={m['test_noisy']}",
+            f"hydra.run.dir={out / 'base_wer_noisy'}"]),
+        "cost_split": ("The testbed: a model with 7B's cost split", lambda out, base, m: [
+            *PY, "experiments.benchmarks.cost_split", f"hydra.run.dir={out / 'cost_split'}"]),
         "sweep": ("Results: projector sweep", lambda out, base, m: [
             *PY, "experiments.run", "-m", "projector=linear,mlp,attention", "projector.stack=1,4",
             f"results_dir={out / 'sweep'}", f"hydra.sweep.dir={out / 'sweep' / 'runs'}"]),
@@ -101,7 +106,7 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"unknown entries {unknown}; expected some of {list(table)}")
     names = list(cfg.names) or list(table)
     if cfg.list:
-        placeholder = {"test": Path("<test manifest>")}
+        placeholder = {"test": Path("<test manifest>"), "test_noisy": Path("<noisy test manifest>")}
         for n in names:
             print(f"{n:15s} {shlex.join(table[n][1](out, Path('<base checkpoint>'), placeholder))}")
         return

@@ -14,7 +14,12 @@ from qwen2_audio_vllm.extensions.audio_frames import (
     AudioFramesProcessor,
 )
 from qwen2_audio_vllm.extensions.input_checks import InputChecksProcessor
-from qwen2_audio_vllm.extensions.long_audio import LongAudioInfo, LongAudioModel, LongAudioProcessor
+from qwen2_audio_vllm.extensions.long_audio import (
+    LongAudioDummyInputs,
+    LongAudioInfo,
+    LongAudioModel,
+    LongAudioProcessor,
+)
 from qwen2_audio_vllm.extensions.modality_inputs import (
     ModalityDummyInputs,
     ModalityInfo,
@@ -48,7 +53,7 @@ class Qwen2AudioSwapProcessingInfo(ModalityInfo, LongAudioInfo, _SwapDataParserI
     pass
 
 
-class Qwen2AudioSwapDummyInputsBuilder(ModalityDummyInputs, model.Qwen2AudioDummyInputsBuilder):
+class Qwen2AudioSwapDummyInputsBuilder(ModalityDummyInputs, LongAudioDummyInputs, model.Qwen2AudioDummyInputsBuilder):
     pass
 
 

@@ -31,7 +31,7 @@ def test_run_all_keeps_outputs_and_failures(tmp_path):
 def test_every_entry_runs_a_module_the_readme_names():
     readme = (ROOT / "README.md").read_text()
     for name, (_, command) in entries().items():
-        argv = command(Path("/out"), Path("/base"), {"test": Path("/test.jsonl")})
+        argv = command(Path("/out"), Path("/base"), {"test": Path("/test.jsonl"), "test_noisy": Path("/noisy.jsonl")})
         module = argv[argv.index("-m") + 1]
         assert f"python -m {module}" in readme, (name, module)
         assert (ROOT / (module.replace(".", "/") + ".py")).exists(), module

@@ -179,3 +179,29 @@ def test_seven_b_estimate_counts_the_real_architecture():
     e = estimate(d, 5_246_976, batch=8, clip_s=8.0, text_tokens=32)
     assert e["activation_bytes_checkpointed"] < e["activation_bytes"] < 80 * 2**30
     assert e["weights_bytes"] == 2 * (llm_params(d) + encoder_params(d)) + 16 * 5_246_976
+
+
+def test_pretrain_with_ctc_exports_the_plain_checkpoint(tiny_base, tmp_path):
+    """The CTC head trains beside the model (its loss falls on a fixed batch) and is not in
+    the exported checkpoint, which has exactly the base's weights' names."""
+    from experiments.training.train import CtcHead, pretrain
+    from qwen2_audio_vllm.checkpoint import read_weights
+
+    m = build_synthetic(tmp_path / "syn", SyntheticSpec(seed=7, train=16, dev=4, test=3, augment=0.0), workers=2)
+    out = tmp_path / "base"
+    result = pretrain(tiny_base, read_manifest(m["train"]), read_manifest(m["dev"]), out,
+                      TrainSettings(steps=4, batch_size=8, lr=3e-3, warmup=1, eval_every=2), ctc_weight=0.5)
+    assert result["ctc_weight"] == 0.5 and len(result["history"]) == 2
+    assert set(read_weights(out)) == set(read_weights(tiny_base))
+
+    torch.manual_seed(0)
+    head = CtcHead(16, 10)
+    frames, lengths = torch.randn(2, 20, 16), torch.tensor([20, 15])
+    targets = [[1, 2, 3], [4, 4]]
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    first = float(head.loss(frames, lengths, targets))
+    for _ in range(20):
+        opt.zero_grad()
+        head.loss(frames, lengths, targets).backward()
+        opt.step()
+    assert float(head.loss(frames, lengths, targets)) < 0.5 * first

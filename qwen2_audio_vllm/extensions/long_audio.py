@@ -33,10 +33,33 @@ class Qwen2AudioWindowedInputs(TensorSchema):
 
 class LongAudioInfo:
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int] | None = None) -> Mapping[str, int]:
+        """The tokens of the longest clip accepted: max_windows full windows, each after the
+        first without the pooled frames its overlap drops (exactly what the dummy audio of
+        LongAudioDummyInputs processes to)."""
         out = dict(super().get_mm_max_tokens_per_item(seq_len, mm_counts))
-        if "audio" in out:
-            out["audio"] *= windows.windowing(self.get_hf_config(), self.get_feature_extractor()).max_windows
+        fe = self.get_feature_extractor()
+        w = windows.windowing(self.get_hf_config(), fe)
+        if "audio" in out and w.max_windows > 1:
+            from qwen2_audio_vllm.encoder import output_lengths
+            from qwen2_audio_vllm.model import projector_for
+
+            pooled = int(output_lengths(torch.tensor([w.window // fe.hop_length]))[1])
+            kept = torch.tensor([pooled] + [pooled - w.drop] * (w.max_windows - 1))
+            out["audio"] = int(projector_for(self.get_hf_config()).output_lengths(kept).sum())
         return out
+
+
+class LongAudioDummyInputs:
+    def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: Any):
+        """Profiling audio as long as the longest clip accepted (max_windows windows), so the
+        memory profile sizes the encoder for what get_mm_max_tokens_per_item reports, not
+        for one window."""
+        data = super().get_dummy_mm_data(seq_len, mm_counts, mm_options)
+        w = windows.windowing(self.info.get_hf_config(), self.info.get_feature_extractor())
+        if data.get("audio") and w.max_windows > 1:
+            data["audio"] = self._get_dummy_audios(length=w.max_samples, num_audios=len(data["audio"]),
+                                                   overrides=mm_options.get("audio") if mm_options else None)
+        return data
 
 
 class LongAudioProcessor:
