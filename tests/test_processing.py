@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.serving.engine import chat_prompt, close_llm, make_llm
+from experiments.serving.engine import close_llm, make_llm
 from qwen2_audio_vllm import windows
 from qwen2_audio_vllm.checkpoint import load_model, load_processor
 from qwen2_audio_vllm.derive import derive_checkpoint
