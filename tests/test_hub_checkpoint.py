@@ -143,7 +143,7 @@ def test_seven_b_config_runs_the_whole_pipeline_on_the_hub_tiny(hub_tiny, tmp_pa
     base = Path(r["prepare"]["base_dir"])
     assert base.parent == tmp_path / "artifacts" / "base"
     assert json.loads((base / "config.json").read_text())["architectures"] == [ARCHITECTURE]
-    assert r["align"]["encoder_cache"]["train"]["clips"] == 96
+    assert r["align"]["encoder_cache"]["train"]["clips"] == 2 * 96  # 96 clean + 96 augmented copies
     assert r["evaluate"]["n_utts"] == 16 and r["evaluate"]["n_failed"] == 0
     assert r["bench"]["variant"]["successful_requests"] == r["bench"]["baseline"]["successful_requests"] == 8
     from transformers import Qwen2AudioForConditionalGeneration

@@ -94,7 +94,10 @@ def test_segments_transcript_is_the_twins_segment_transcripts_in_order(long_clip
         (silent,) = transcribe_long(llm, [np.zeros(SAMPLE_RATE, dtype=np.float32)], "segments")
     finally:
         close_llm(llm)
-    assert len(pieces) == 24 and expected and got == expected
+    # the random model emits partial UTF-8 byte tokens; vLLM's incremental detokenizer and
+    # tokenizer.decode render those differently ("\ufffd" or nothing), so compare without them
+    readable = lambda s: " ".join(s.replace("\ufffd", "").split())  # noqa: E731
+    assert len(pieces) == 24 and expected and readable(got) == readable(expected)
     assert silent == ""
 
 

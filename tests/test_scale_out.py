@@ -57,7 +57,7 @@ def test_data_parallel_align_matches_one_process(hub_tiny, tmp_path):
     r1, w1 = aligned(one)
     r2, w2 = aligned(two)
     assert r1["processes"] == 1 and r2["processes"] == 2
-    assert "[align] encoder cache train: 48 clips" in p.stdout
+    assert "[align] encoder cache train: 96 clips" in p.stdout  # 48 clean + 48 augmented copies
     proj = [k for k in w1 if k.startswith("multi_modal_projector.")]
     assert proj and sorted(w1) == sorted(w2)
     start = load_file(next(hub_tiny.glob("*.safetensors")))  # the projector moved away from init
