@@ -75,18 +75,18 @@ def plan_synthetic(spec: SyntheticSpec) -> list[dict]:
     return rows
 
 
-def clip_problem(path: Path) -> str | None:
-    """Why a rendered clip cannot be used (None if it can): missing, unreadable, too short or
-    silent."""
+def usable_clip(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """A rendered clip as 16 kHz mono audio, or None and why it cannot be used: missing,
+    unreadable, too short or silent."""
     from experiments.data.audio import AudioError, load_audio
 
     try:
         x = load_audio(path)
     except AudioError as err:
-        return "unreadable" if "readable" in str(err) or "no such" in str(err) else "too short or empty"
+        return None, "unreadable" if "readable" in str(err) or "no such" in str(err) else "too short or empty"
     if float(np.abs(x).max()) < 1e-3:
-        return "silent"
-    return None
+        return None, "silent"
+    return x, None
 
 
 def build_synthetic(out_dir: Path, spec: SyntheticSpec = SyntheticSpec(), workers: int | None = None) -> dict[str, Path]:
@@ -118,13 +118,10 @@ def build_synthetic(out_dir: Path, spec: SyntheticSpec = SyntheticSpec(), worker
     dropped: dict[str, int] = {}
 
     def keep(row: dict, raw: Path) -> bool:
-        problem = clip_problem(raw)
+        audio, problem = usable_clip(raw)
         if problem:
             dropped[problem] = dropped.get(problem, 0) + 1
             return False
-        from experiments.data.audio import load_audio
-
-        audio = load_audio(raw)
         sf.write(tmp / "wav" / f"{row['name']}.wav", audio, SAMPLE_RATE, subtype="PCM_16")
         row["duration"] = round(len(audio) / SAMPLE_RATE, 3)
         return True
@@ -181,11 +178,9 @@ def _augmented(tmp: Path, rows: list[dict], split: str, spec: SyntheticSpec, wor
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         done = list(tqdm(pool.map(augment_file, jobs, chunksize=16), total=len(jobs), desc=f"augment {split}", unit="clip"))
     out = []
-    for r, kind, (target, transforms) in zip(chosen, kinds, done, strict=True):
-        name = Path(target).stem
-        info = sf.info(target)
+    for r, kind, (target, transforms, duration) in zip(chosen, kinds, done, strict=True):
         augmentation = ",".join(transforms) if kind == "train" else f"{kind}@{spec.noisy_snr_db:g}dB"
-        out.append(r | {"split": split, "name": name, "duration": round(info.duration, 3), "augment": augmentation,
+        out.append(r | {"split": split, "name": Path(target).stem, "duration": duration, "augment": augmentation,
                         "source": r["name"]})
     return out
 

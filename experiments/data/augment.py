@@ -77,9 +77,10 @@ def applied(chain) -> list[str]:
     return [type(chain).__name__] if chain.parameters.get("should_apply") else []
 
 
-def augment_file(job: tuple[Path, Path, int, str, float, list[Path]]) -> tuple[str, list[str]]:
+def augment_file(job: tuple[Path, Path, int, str, float, list[Path]]) -> tuple[str, list[str], float]:
     """Process-pool worker: (source, target, seed, kind, snr_db, babble). kind 'train' draws
-    the training chain, 'white'/'babble' adds noise at snr_db. Returns (target, transforms)."""
+    the training chain, 'white'/'babble' adds noise at snr_db. Returns (target, transforms,
+    duration in seconds)."""
     source, target, seed, kind, snr_db, babble = job
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -90,4 +91,4 @@ def augment_file(job: tuple[Path, Path, int, str, float, list[Path]]) -> tuple[s
     if peak > 0.99:  # reverb and gain can push past full scale; keep the PCM file unclipped
         y = y * (0.99 / peak)
     sf.write(target, y, SAMPLE_RATE, subtype="PCM_16")
-    return str(target), applied(chain)
+    return str(target), applied(chain), round(len(y) / SAMPLE_RATE, 3)

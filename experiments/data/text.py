@@ -112,6 +112,7 @@ class Grammar:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.lex = lexicon()
+        self._templates = self.templates()
 
     def word(self, pos: Pos) -> str:
         words, weights = self.lex[pos]
@@ -162,7 +163,7 @@ class Grammar:
         ]
 
     def sentence(self) -> str:
-        return self.rng.choice(self.templates())()
+        return self.rng.choice(self._templates)()
 
 
 def sentences_for_splits(seed: int, counts: dict[str, int]) -> dict[str, list[str]]:

@@ -285,20 +285,21 @@ def pretrain(
     }
     texts = {"train": [r["text"] for r in train_rows], "dev": [r["text"] for r in dev_rows]}
     batcher = TextBatcher(processor.tokenizer, model.audio_token_id)
-    ctc = CtcHead(model.config.audio_config.d_model, len(processor.tokenizer)).to(place.device)
-    trained = torch.nn.ModuleDict({"model": model, "ctc": ctc}) if ctc_weight > 0 else model
+    ctc, trained = None, model
+    if ctc_weight > 0:
+        ctc = CtcHead(model.config.audio_config.d_model, len(processor.tokenizer)).to(place.device)
+        trained = torch.nn.ModuleDict({"model": model, "ctc": ctc})
+        ctc_targets = processor.tokenizer(texts["train"], add_special_tokens=False)["input_ids"]
 
     def loss_for(split: str, with_ctc: bool) -> LossFn:
         def loss_on(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             feats, mask = pad_mels([mels[split][i] for i in idx])
             frames, lengths = model.encode_audio(feats.to(place.device), mask.to(place.device))
             audio = model.project(frames, lengths)
-            batch_texts = [texts[split][i] for i in idx]
-            batch = batcher(batch_texts, [a.shape[0] for a in audio])
+            batch = batcher([texts[split][i] for i in idx], [a.shape[0] for a in audio])
             total, count = model.token_loss(audio_embeds=audio, **{k: v.to(place.device) for k, v in batch.items()})
             if with_ctc:
-                targets = processor.tokenizer(batch_texts, add_special_tokens=False)["input_ids"]
-                total = total + ctc_weight * ctc.loss(frames, lengths, targets)
+                total = total + ctc_weight * ctc.loss(frames, lengths, [ctc_targets[i] for i in idx])
             return total, count
 
         return loss_on
@@ -306,7 +307,7 @@ def pretrain(
     pooled = encoder_lengths(torch.tensor([n for _, n in mels["train"]]))[1].tolist()
     lengths = batcher.lengths(texts["train"], pooled)
     result, best = fit(
-        model, trained, loss_for("train", ctc_weight > 0),
+        model, trained, loss_for("train", ctc is not None),
         lambda: mean_loss(loss_for("dev", False), len(dev_rows), s.batch_size),
         batches(lengths, s.batch_size, _budget(trainer), s.seed), s, place, "pretrain",
     )

@@ -13,7 +13,8 @@ from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
-from qwen2_audio_vllm import windows
+from qwen2_audio_vllm import encoder, windows
+from qwen2_audio_vllm.model import projector_for
 
 
 class Qwen2AudioWindowedInputs(TensorSchema):
@@ -40,11 +41,8 @@ class LongAudioInfo:
         fe = self.get_feature_extractor()
         w = windows.windowing(self.get_hf_config(), fe)
         if "audio" in out and w.max_windows > 1:
-            from qwen2_audio_vllm.encoder import output_lengths
-            from qwen2_audio_vllm.model import projector_for
-
-            pooled = int(output_lengths(torch.tensor([w.window // fe.hop_length]))[1])
-            kept = torch.tensor([pooled] + [pooled - w.drop] * (w.max_windows - 1))
+            pooled = encoder.output_lengths(torch.full((w.max_windows,), w.window // fe.hop_length))[1]
+            kept = windows.kept_counts(pooled, windows.first_kept([w.max_windows], w))
             out["audio"] = int(projector_for(self.get_hf_config()).output_lengths(kept).sum())
         return out
 
