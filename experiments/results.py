@@ -29,14 +29,27 @@ Command = Callable[[Path, Path, Mapping[str, Path]], list[str]]
 PY = [sys.executable, "-m"]
 
 
+def _evaluate(name: str, split: str) -> Command:
+    """experiments.evaluate of the base checkpoint on one split of its manifests."""
+    return lambda out, base, m: [*PY, "experiments.evaluate", f"checkpoint={base}", f"data.manifest={m[split]}",
+                                 f"hydra.run.dir={out / name}"]
+
+
+# entries run on another model's base than the default (tiny): name -> model config
+ENTRY_MODELS = {"small_base_wer": "small", "small_base_wer_noisy": "small"}
+
+
 def entries() -> dict[str, tuple[str, Command]]:
-    """name -> (README section, argv given (output dir, base checkpoint, manifests))."""
+    """name -> (README section, argv given (output dir, base checkpoint, manifests)); the
+    base is the default model's, or ENTRY_MODELS' (built, as `make run model=...` would)."""
     return {
-        "base_wer": ("The testbed: base model WER/CER on the clean held-out split", lambda out, base, m: [
-            *PY, "experiments.evaluate", f"checkpoint={base}", f"data.manifest={m['test']}", f"hydra.run.dir={out / 'base_wer'}"]),
-        "base_wer_noisy": ("The testbed: base model WER/CER on the noisy held-out split (10 dB)", lambda out, base, m: [
-            *PY, "experiments.evaluate", f"checkpoint={base}", f"data.manifest={m['test_noisy']}",
-            f"hydra.run.dir={out / 'base_wer_noisy'}"]),
+        "base_wer": ("The testbed: base model WER/CER on the clean held-out split", _evaluate("base_wer", "test")),
+        "base_wer_noisy": ("The testbed: base model WER/CER on the noisy held-out split (10 dB)",
+                           _evaluate("base_wer_noisy", "test_noisy")),
+        "small_base_wer": ("The testbed: model=small's base WER/CER on the clean held-out split",
+                           _evaluate("small_base_wer", "test")),
+        "small_base_wer_noisy": ("The testbed: model=small's base WER/CER on the noisy held-out split (10 dB)",
+                                 _evaluate("small_base_wer_noisy", "test_noisy")),
         "cost_split": ("The testbed: a model with 7B's cost split", lambda out, base, m: [
             *PY, "experiments.benchmarks.cost_split", f"hydra.run.dir={out / 'cost_split'}"]),
         "sweep": ("Results: projector sweep", lambda out, base, m: [
@@ -112,8 +125,8 @@ def main(cfg: DictConfig) -> None:
         return
     from experiments.data.prepare import default_base
 
-    base, manifests = default_base()  # built (pretrained) here once if missing, as make run does
-    commands = {n: (table[n][0], table[n][1](out, base, manifests)) for n in names}
+    bases = {model: default_base(model) for model in {ENTRY_MODELS.get(n) for n in names}}  # built once if missing
+    commands = {n: (table[n][0], table[n][1](out, *bases[ENTRY_MODELS.get(n)])) for n in names}
     print(run_all(commands, out))
 
 if __name__ == "__main__":

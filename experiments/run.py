@@ -72,27 +72,33 @@ def prepare(cfg: DictConfig, state: dict) -> dict:
     return {"manifests": {k: str(v) for k, v in manifests.items()}, "base_dir": str(base_dir)}
 
 
-def align_output(cfg: DictConfig, state: dict) -> tuple[dict, Any, Path]:
-    """(projector block, train settings, output dir) of the align stage for this config."""
+def align_output(cfg: DictConfig, state: dict) -> tuple[dict, Any, str, Path]:
+    """(projector block, train settings, projector init, output dir) of the align stage.
+    train.init auto: the base's own weights when the block is the base's, else random."""
     from experiments.training.train import TrainSettings
+    from qwen2_audio_vllm.checkpoint import load_config
 
     block = projector_block(cfg, Path(state["base_dir"]))
-    settings = TrainSettings(**OmegaConf.to_container(cfg.train, resolve=True), seed=cfg.seed)
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    init = train.pop("init", "auto")
+    if init == "auto":
+        init = "base" if block == load_config(state["base_dir"]).projector else "random"
+    settings = TrainSettings(**train, seed=cfg.seed)
     m = state["manifests"]
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer.pop("encoder_batch_size")  # how the cache is computed, not what it holds
-    key = key_of(state["base_dir"], block, settings.__dict__, m["train"], m["dev"], trainer)
-    return block, settings, Path(cfg.artifacts_dir) / "align" / f"{block['name']}-{key}"
+    key = key_of(state["base_dir"], block, settings.__dict__, init, m["train"], m["dev"], trainer)
+    return block, settings, init, Path(cfg.artifacts_dir) / "align" / f"{block['name']}-{key}"
 
 
 def align(cfg: DictConfig, state: dict) -> dict:
     from experiments.data import read_manifest
     from experiments.training.cache import load_or_build
     from experiments.training.train import align as train_align
-    from qwen2_audio_vllm.checkpoint import cache_root, load_config, load_model, load_processor
+    from qwen2_audio_vllm.checkpoint import cache_root, load_model, load_processor
 
     base_dir, manifests = Path(state["base_dir"]), state["manifests"]
-    block, settings, out = align_output(cfg, state)
+    block, settings, init, out = align_output(cfg, state)
     done = out / "align.json"
     if done.exists() and not forced(cfg, "align"):
         return json.loads(done.read_text()) | {"reused": True}
@@ -125,11 +131,10 @@ def align(cfg: DictConfig, state: dict) -> dict:
     del model  # align loads its own copy (frozen parts in the trainer's precision)
     if place.device.type == "cuda":
         torch.cuda.empty_cache()
-    init_from_base = block == load_config(base_dir).projector
-    result = train_align(base_dir, block, splits["train"], splits["dev"], out / "checkpoint", settings, init_from_base, trainer)
+    result = train_align(base_dir, block, splits["train"], splits["dev"], out / "checkpoint", settings, init, trainer)
     if place.device.type == "cuda":
         torch.cuda.empty_cache()  # the twin is gone: give its memory back before vLLM starts
-    result |= {"checkpoint": str(out / "checkpoint"), "projector": block, "init_from_base": init_from_base, "encoder_cache": caches}
+    result |= {"checkpoint": str(out / "checkpoint"), "projector": block, "init": init, "encoder_cache": caches}
     from experiments.report import write_json_atomic
 
     if is_main():

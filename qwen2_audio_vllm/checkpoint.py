@@ -169,11 +169,19 @@ def weight_files(ckpt_dir: str | Path) -> list[Path]:
     return files
 
 
-def read_weights(ckpt_dir: str | Path, skip_prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint (CPU, as stored), optionally without those under a prefix."""
+def read_weights(
+    ckpt_dir: str | Path, skip_prefix: str | None = None, only_prefix: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (CPU, as stored), optionally without those under
+    `skip_prefix` or only those under `only_prefix`; the others are never read."""
+    from safetensors import safe_open
+
     out = {}
     for f in weight_files(ckpt_dir):
-        out.update({k: v for k, v in load_file(f).items() if not (skip_prefix and k.startswith(skip_prefix))})
+        with safe_open(str(f), "pt") as handle:
+            for key in handle.keys():
+                if not (skip_prefix and key.startswith(skip_prefix)) and (not only_prefix or key.startswith(only_prefix)):
+                    out[key] = handle.get_tensor(key)
     return out
 
 

@@ -156,6 +156,24 @@ def test_linear_stack_concatenates_consecutive_frames():
         torch.testing.assert_close(proj(x, mask), proj.linear(stacked))
 
 
+@pytest.mark.parametrize("stack", [2, 4, 8])
+def test_mean_pool_init_is_mean_pooling_then_the_base_projection(stack):
+    """init_as_mean_pool: at step 0 a stack-k linear equals the stack-1 projection of the mean
+    of each k frames; the last partial group of r frames gets the mean scaled by r/k."""
+    base = LinearProjector(IN_DIM, OUT_DIM)
+    proj = LinearProjector(IN_DIM, OUT_DIM, stack=stack).init_as_mean_pool(base.linear.weight, base.linear.bias)
+    T = 3 * stack + 1  # three full groups and one frame
+    x = torch.randn(2, T + 2, IN_DIM)
+    mask = torch.arange(T + 2)[None, :] < torch.tensor([[T], [T + 2]])
+    with torch.no_grad():
+        out = proj(x, mask)
+        full = x[0, : 3 * stack].reshape(3, stack, IN_DIM).mean(1)
+        torch.testing.assert_close(out[0, :3], base.linear(full))
+        torch.testing.assert_close(out[0, 3], base.linear(x[0, 3 * stack] / stack))
+    with pytest.raises(ValueError, match=r"weight \(24, 16\).*projector must be \{'name': 'linear', 'stack': 1\}"):
+        proj.init_as_mean_pool(proj.linear.weight, proj.linear.bias)
+
+
 BUILDER_BLOCKS = [
     dict(name="linear", stack=2),
     dict(name="mlp", stack=4, hidden_dim=20, depth=3, activation="swiglu", pre_norm=True),

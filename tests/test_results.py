@@ -42,3 +42,14 @@ def test_cli_lists_and_rejects_unknown_entries():
     assert listed.returncode == 0 and all(name in listed.stdout for name in entries())
     bad = subprocess.run([sys.executable, "-m", "experiments.results", "names=[nope]"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1 and "unknown entries ['nope']" in bad.stderr
+
+
+def test_entries_on_another_model_compose_its_config():
+    """The small entries evaluate model=small's base: the name is an entry and composes."""
+    from experiments.data.prepare import default_config
+    from experiments.results import ENTRY_MODELS
+
+    assert set(ENTRY_MODELS) <= set(entries())
+    for model in set(ENTRY_MODELS.values()):
+        cfg = default_config([f"model={model}"])
+        assert cfg.model.name == model and cfg.projector.name == "linear"

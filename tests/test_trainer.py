@@ -181,7 +181,8 @@ def test_seven_b_estimate_counts_the_real_architecture():
     assert e["weights_bytes"] == 2 * (llm_params(d) + encoder_params(d)) + 16 * 5_246_976
 
 
-def test_pretrain_with_ctc_exports_the_plain_checkpoint(tiny_base, tmp_path):
+@pytest.mark.parametrize("units", ["tokens", "chars"])
+def test_pretrain_with_ctc_exports_the_plain_checkpoint(tiny_base, tmp_path, units):
     """The CTC head trains beside the model (its loss falls on a fixed batch) and is not in
     the exported checkpoint, which has exactly the base's weights' names."""
     from experiments.training.train import CtcHead, pretrain
@@ -190,8 +191,9 @@ def test_pretrain_with_ctc_exports_the_plain_checkpoint(tiny_base, tmp_path):
     m = build_synthetic(tmp_path / "syn", SyntheticSpec(seed=7, train=16, dev=4, test=3, augment=0.0), workers=2)
     out = tmp_path / "base"
     result = pretrain(tiny_base, read_manifest(m["train"]), read_manifest(m["dev"]), out,
-                      TrainSettings(steps=4, batch_size=8, lr=3e-3, warmup=1, eval_every=2), ctc_weight=0.5)
-    assert result["ctc_weight"] == 0.5 and len(result["history"]) == 2
+                      TrainSettings(steps=4, batch_size=8, lr=3e-3, warmup=1, eval_every=2), ctc_weight=0.5,
+                      ctc_units=units)
+    assert result["ctc_weight"] == 0.5 and result["ctc_units"] == units and len(result["history"]) == 2
     assert set(read_weights(out)) == set(read_weights(tiny_base))
 
     torch.manual_seed(0)
@@ -205,3 +207,22 @@ def test_pretrain_with_ctc_exports_the_plain_checkpoint(tiny_base, tmp_path):
         head.loss(frames, lengths, targets).backward()
         opt.step()
     assert float(head.loss(frames, lengths, targets).detach()) < 0.5 * first
+
+
+def test_ctc_character_targets_spell_the_transcript(tiny_base):
+    """chars: one class per character of the training transcripts, in sorted order, so every
+    transcript (names and digits included) is its own spelling; tokens: the tokenizer's ids."""
+    from transformers import AutoTokenizer
+
+    from experiments.training.train import ctc_targets
+
+    texts = ["my number is 42", "anna saw the zebra"]
+    targets, n = ctc_targets(texts, "chars", tokenizer=None)
+    alphabet = sorted(set("".join(texts)))
+    assert n == len(alphabet) == 17
+    assert ["".join(alphabet[i] for i in t) for t in targets] == texts
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    ids, n_tok = ctc_targets(texts, "tokens", tok)
+    assert n_tok == len(tok) and ids == tok(texts, add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="ctc_units='phones'"):
+        ctc_targets(texts, "phones", tok)

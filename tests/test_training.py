@@ -88,3 +88,21 @@ def test_align_trains_only_the_projector(tiny_base, rows, tmp_path):
     assert frozen and all(torch.equal(base[k], aligned[k]) for k in frozen)  # bit-identical
     assert json.loads((out / "config.json").read_text())["projector"]["name"] == "mlp"
     assert any(k.startswith("multi_modal_projector.layers.") for k in aligned)
+
+
+def test_mean_pool_init_starts_from_the_base_projector(tiny_base):
+    """train.init=mean_pool: a stack-4 linear built on the base projects real encoder frames
+    exactly as the base's linear does their 4-frame means; other projectors are refused."""
+    from experiments.training.train import _mean_pool_init
+
+    base = load_model(tiny_base)
+    model = load_model(tiny_base, projector={"name": "linear", "stack": 4}, load_projector=False)
+    _mean_pool_init(model.multi_modal_projector, tiny_base)
+    frames = torch.randn(1, 40, base.config.audio_config.d_model)
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    with torch.no_grad():
+        pooled = base.multi_modal_projector(frames.reshape(1, 10, 4, -1).mean(2), torch.ones(1, 10, dtype=torch.bool))
+        torch.testing.assert_close(model.multi_modal_projector(frames, mask), pooled)
+    mlp = load_model(tiny_base, projector={"name": "mlp", "stack": 4}, load_projector=False)
+    with pytest.raises(ValueError, match="train.init=mean_pool.*MLPProjector.*projector.stack=K"):
+        _mean_pool_init(mlp.multi_modal_projector, tiny_base)

@@ -44,9 +44,10 @@ def ensure_synthetic(spec: SyntheticSpec = SyntheticSpec()) -> dict[str, Path]:
     return build_synthetic(cache_root() / "data" / f"synthetic-{spec.key()}", spec)
 
 
-def default_config():
-    """conf/config.yaml as `make run` composes it (no overrides); callable from inside
-    another Hydra app (experiments.results, long_form), whose state is put back after."""
+def default_config(overrides: list[str] | None = None):
+    """conf/config.yaml as `make run` composes it (with `overrides`, e.g. ["model=small"]);
+    callable from inside another Hydra app (experiments.results, long_form), whose state is
+    put back after."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
@@ -55,17 +56,17 @@ def default_config():
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(Path(__file__).resolve().parents[2] / "conf"), version_base=None):
-            return compose("config")
+            return compose("config", overrides=overrides or [])
     finally:
         restore_gh_from_backup(outer)
 
 
-def default_base() -> tuple[Path, dict[str, Path]]:
-    """The default config's base checkpoint and data manifests, built if missing: what
-    `make run` trains and evaluates on."""
+def default_base(model: str | None = None) -> tuple[Path, dict[str, Path]]:
+    """The default config's base checkpoint (or that of `model=<model>`) and data manifests,
+    built if missing: what `make run` trains and evaluates on."""
     from omegaconf import OmegaConf
 
-    cfg = default_config()
+    cfg = default_config([f"model={model}"] if model else None)
     artifacts = Path(cfg.artifacts_dir)
     manifests = ensure_data(OmegaConf.to_container(cfg.data, resolve=True), artifacts)
     return ensure_base(OmegaConf.to_container(cfg.model, resolve=True), manifests, artifacts), manifests
@@ -122,7 +123,8 @@ def ensure_base(model: dict, manifests: dict[str, Path], artifacts: Path, traine
 
     settings = TrainSettings(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], warmup=p["warmup"], eval_every=p["eval_every"])
     result = pretrain(ensure_random_tiny(spec), read_manifest(manifests["train"]), read_manifest(manifests["dev"]), out,
-                      settings, trainer or TrainerSettings(), ctc_weight=p.get("ctc_weight", 0.0))
+                      settings, trainer or TrainerSettings(), ctc_weight=p.get("ctc_weight", 0.0),
+                      ctc_units=p.get("ctc_units", "tokens"))
     from experiments.report import write_json_atomic
 
     write_json_atomic(out / "pretrain.json", result)

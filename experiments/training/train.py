@@ -232,9 +232,26 @@ def mean_loss(loss_on: LossFn, n: int, batch_size: int) -> float:
     return total / max(count, 1)
 
 
+CTC_UNITS = ("tokens", "chars")
+ALIGN_INITS = ("random", "base", "mean_pool")
+
+
+def ctc_targets(texts: list[str], units: str, tokenizer) -> tuple[list[list[int]], int]:
+    """(target ids per text, number of units) for the CTC head. tokens: the tokenizer's ids
+    (every BPE piece a class). chars: the characters of the transcripts (the sorted set of
+    those in `texts`), so a word unseen in training is still a sequence of known classes."""
+    if units == "tokens":
+        return tokenizer(texts, add_special_tokens=False)["input_ids"], len(tokenizer)
+    if units == "chars":
+        alphabet = {c: i for i, c in enumerate(sorted(set("".join(texts))))}
+        return [[alphabet[c] for c in t] for t in texts], len(alphabet)
+    raise ValueError(f"model.pretrain.ctc_units={units!r}; expected one of {CTC_UNITS}")
+
+
 class CtcHead(torch.nn.Module):
-    """Pooled encoder frames -> token log-probabilities (+ a blank), for the auxiliary CTC
-    loss of pretraining. Not part of the exported checkpoint."""
+    """Pooled encoder frames -> unit log-probabilities (+ a blank), for the auxiliary CTC
+    loss of pretraining (units: tokenizer pieces or characters, `ctc_targets`). Not part of
+    the exported checkpoint."""
 
     def __init__(self, d_audio: int, n_tokens: int) -> None:
         super().__init__()
@@ -259,14 +276,17 @@ def pretrain(
     s: TrainSettings,
     trainer: TrainerSettings = TrainerSettings(),
     ctc_weight: float = 0.0,
+    ctc_units: str = "tokens",
 ) -> dict:
     """Train every weight of the (random) checkpoint at `base_dir` on the transcripts and
     export the best one to `out_dir`. Encoder inputs are trimmed mel features, so a step
-    costs the clip lengths, not the 30 s window. All weights train, so they stay float32
-    (bf16 runs them under autocast).
+    costs the clip lengths, not the 30 s window, and batches hold clips of similar length
+    (`batches`' pools). All weights train, so they stay float32 (bf16 runs them under
+    autocast).
 
-    ctc_weight > 0 adds a CTC loss on the encoder's pooled frames (a linear head over the
-    tokenizer's vocabulary, dropped at export), weighted against the LM loss per token. From
+    ctc_weight > 0 adds a CTC loss on the encoder's pooled frames (a linear head over
+    `ctc_units`: the tokenizer's vocabulary or the transcripts' characters; dropped at
+    export), weighted against the LM loss per token. From
     scratch, the LLM otherwise learns the sentences' language model long before the encoder
     learns to hear, and on open-vocabulary text it stops listening (hybrid CTC/attention
     training keeps the encoder on the transcript). The dev loss used to pick the best
@@ -287,9 +307,9 @@ def pretrain(
     batcher = TextBatcher(processor.tokenizer, model.audio_token_id)
     ctc, trained = None, model
     if ctc_weight > 0:
-        ctc = CtcHead(model.config.audio_config.d_model, len(processor.tokenizer)).to(place.device)
+        targets, n_units = ctc_targets(texts["train"], ctc_units, processor.tokenizer)
+        ctc = CtcHead(model.config.audio_config.d_model, n_units).to(place.device)
         trained = torch.nn.ModuleDict({"model": model, "ctc": ctc})
-        ctc_targets = processor.tokenizer(texts["train"], add_special_tokens=False)["input_ids"]
 
     def loss_for(split: str, with_ctc: bool) -> LossFn:
         def loss_on(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +319,7 @@ def pretrain(
             batch = batcher([texts[split][i] for i in idx], [a.shape[0] for a in audio])
             total, count = model.token_loss(audio_embeds=audio, **{k: v.to(place.device) for k, v in batch.items()})
             if with_ctc:
-                total = total + ctc_weight * ctc.loss(frames, lengths, [ctc_targets[i] for i in idx])
+                total = total + ctc_weight * ctc.loss(frames, lengths, [targets[i] for i in idx])
             return total, count
 
         return loss_on
@@ -309,10 +329,12 @@ def pretrain(
     result, best = fit(
         model, trained, loss_for("train", ctc is not None),
         lambda: mean_loss(loss_for("dev", False), len(dev_rows), s.batch_size),
-        batches(lengths, s.batch_size, _budget(trainer), s.seed), s, place, "pretrain",
+        # rows of similar length together (full batches of s.batch_size unless the trainer
+        # sets a token budget): random batches of these clips are ~40 % padding in the LLM
+        batches(lengths, s.batch_size, _budget(trainer) or s.batch_size * max(lengths), s.seed), s, place, "pretrain",
     )
     export_best(model, trained, best, processor, out_dir)
-    result["ctc_weight"] = ctc_weight
+    result["ctc_weight"], result["ctc_units"] = ctc_weight, ctc_units
     return result
 
 
@@ -323,21 +345,27 @@ def align(
     dev: tuple[list[torch.Tensor], list[str]],
     out_dir: Path,
     s: TrainSettings,
-    init_from_base: bool = False,
+    init: str = "random",
     trainer: TrainerSettings = TrainerSettings(),
 ) -> dict:
     """Train only `projector` on cached pooled encoder frames ([(T_i, d_audio)], texts), the
     encoder and the LLM of `base_dir` frozen (in the trainer's precision); export the best
-    weights to `out_dir`. init_from_base: start from the base checkpoint's own projector
-    weights (same block). Under torchrun every process runs this on its share of each
+    weights to `out_dir`. init (ALIGN_INITS): random (a fresh projector), base (the base
+    checkpoint's own projector weights: same block), mean_pool (a stack-k linear projector
+    that starts as mean pooling of k frames followed by the base's stack-1 linear
+    projection, LinearProjector.init_as_mean_pool). Under torchrun every process runs this on its share of each
     global batch; process 0 writes the checkpoint."""
     from experiments.training.cache import pad_frames
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
     place = trainer.placement()
     torch.manual_seed(s.seed)
-    model = load_model(base_dir, projector=projector, load_projector=init_from_base, device=place.device, dtype=place.dtype)
+    if init not in ALIGN_INITS:
+        raise ValueError(f"train.init={init!r}; expected one of {ALIGN_INITS} (or auto)")
+    model = load_model(base_dir, projector=projector, load_projector=init == "base", device=place.device, dtype=place.dtype)
     processor = load_processor(base_dir)
+    if init == "mean_pool":
+        _mean_pool_init(model.multi_modal_projector, base_dir)
     model.requires_grad_(False)
     proj = model.multi_modal_projector.float().requires_grad_(True)  # float32 master weights
     if trainer.gradient_checkpointing:
@@ -364,6 +392,23 @@ def align(
     export_best(model, proj, best, processor, out_dir, frozen_from=base_dir)
     result["trainable_params"] = sum(p.numel() for p in proj.parameters())
     return result
+
+
+def _mean_pool_init(proj: torch.nn.Module, base_dir: Path) -> None:
+    """The stack-k linear `proj` from the base checkpoint's stack-1 linear projector."""
+    from projectors import LinearProjector
+    from qwen2_audio_vllm.checkpoint import load_config, read_weights
+
+    base_block = load_config(base_dir).projector
+    if not isinstance(proj, LinearProjector) or base_block.get("name") != "linear" or base_block.get("stack", 1) != 1:
+        raise ValueError(
+            f"train.init=mean_pool starts a linear stack-k projector from a base whose projector is linear at "
+            f"stack 1; here the projector is {type(proj).__name__} and the base's {base_block}. "
+            "Use projector=linear projector.stack=K, or train.init=auto"
+        )
+    prefix = "multi_modal_projector.linear."
+    w = read_weights(base_dir, only_prefix=prefix)
+    proj.init_as_mean_pool(w[prefix + "weight"], w[prefix + "bias"])
 
 
 def _budget(trainer: TrainerSettings) -> int | None:
