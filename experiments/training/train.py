@@ -136,13 +136,11 @@ def batches(lengths: list[int], batch_size: int, max_tokens: int | None, seed: i
             pool = carry + epoch[start : start + pool_size]
             if max_tokens is None:
                 full = len(pool) - len(pool) % batch_size
-                pool, carry = pool[:full], pool[full:]
-            pool.sort(key=lengths.__getitem__)
-            if max_tokens is None:
-                groups = [pool[i : i + batch_size] for i in range(0, len(pool), batch_size)]
+                pool, carry = sorted(pool[:full], key=lengths.__getitem__), pool[full:]
+                groups = [pool[i : i + batch_size] for i in range(0, full, batch_size)]
             else:
                 groups, group = [], []
-                for i in pool:  # ascending length: the newest row is the longest
+                for i in sorted(pool, key=lengths.__getitem__):  # ascending: the newest row is the longest
                     if group and (len(group) >= batch_size or (len(group) + 1) * lengths[i] > max_tokens):
                         groups.append(group)
                         group = []
@@ -290,11 +288,10 @@ def pretrain(
 
     ctc_weight > 0 adds a CTC loss on the encoder's pooled frames (a linear head over
     `ctc_units`: the tokenizer's vocabulary or the transcripts' characters; dropped at
-    export), weighted against the LM loss per token. From
-    scratch, the LLM otherwise learns the sentences' language model long before the encoder
-    learns to hear, and on open-vocabulary text it stops listening (hybrid CTC/attention
-    training keeps the encoder on the transcript). The dev loss used to pick the best
-    weights is the LM loss alone."""
+    export), weighted against the LM loss per token. From scratch, the LLM otherwise learns
+    the sentences' language model long before the encoder learns to hear, and on
+    open-vocabulary text it stops listening (hybrid CTC/attention training keeps the encoder
+    on the transcript). The dev loss used to pick the best weights is the LM loss alone."""
     from experiments.data.audio import load_audio
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
     from qwen2_audio_vllm.encoder import mel_features, pad_mels
@@ -355,8 +352,8 @@ def align(
     weights to `out_dir`. init (ALIGN_INITS): random (a fresh projector), base (the base
     checkpoint's own projector weights: same block), mean_pool (a stack-k linear projector
     that starts as mean pooling of k frames followed by the base's stack-1 linear
-    projection, LinearProjector.init_as_mean_pool). Under torchrun every process runs this on its share of each
-    global batch; process 0 writes the checkpoint."""
+    projection, LinearProjector.init_as_mean_pool). Under torchrun every process runs this
+    on its share of each global batch; process 0 writes the checkpoint."""
     from experiments.training.cache import pad_frames
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
