@@ -72,23 +72,25 @@ def prepare(cfg: DictConfig, state: dict) -> dict:
     return {"manifests": {k: str(v) for k, v in manifests.items()}, "base_dir": str(base_dir)}
 
 
-def align_output(cfg: DictConfig, state: dict) -> tuple[dict, Any, str, Path]:
-    """(projector block, train settings, projector init, output dir) of the align stage.
+def align_output(cfg: DictConfig, state: dict) -> tuple[dict, Any, Any, Path]:
+    """(projector block, train settings, AlignRecipe, output dir) of the align stage.
     train.init auto: the base's own weights when the block is the base's, else random."""
-    from experiments.training.train import TrainSettings
+    from experiments.training.train import AlignRecipe, TrainSettings
     from qwen2_audio_vllm.checkpoint import load_config
 
     block = projector_block(cfg, Path(state["base_dir"]))
     train = OmegaConf.to_container(cfg.train, resolve=True)
-    init = train.pop("init", "auto")
+    init, kd, lora = train.pop("init", "auto"), train.pop("kd", None), train.pop("lora", None)
     if init == "auto":
         init = "base" if block == load_config(state["base_dir"]).projector else "random"
+    recipe = AlignRecipe.from_config(init, kd, lora)
     settings = TrainSettings(**train, seed=cfg.seed)
     m = state["manifests"]
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer.pop("encoder_batch_size")  # how the cache is computed, not what it holds
-    key = key_of(state["base_dir"], block, settings.__dict__, init, m["train"], m["dev"], trainer)
-    return block, settings, init, Path(cfg.artifacts_dir) / "align" / f"{block['name']}-{key}"
+    beyond = [recipe.beyond_init()] if recipe.beyond_init() else []  # plain runs keep their keys
+    key = key_of(state["base_dir"], block, settings.__dict__, init, m["train"], m["dev"], trainer, *beyond)
+    return block, settings, recipe, Path(cfg.artifacts_dir) / "align" / f"{block['name']}-{key}"
 
 
 def align(cfg: DictConfig, state: dict) -> dict:
@@ -98,7 +100,7 @@ def align(cfg: DictConfig, state: dict) -> dict:
     from qwen2_audio_vllm.checkpoint import cache_root, load_model, load_processor
 
     base_dir, manifests = Path(state["base_dir"]), state["manifests"]
-    block, settings, init, out = align_output(cfg, state)
+    block, settings, recipe, out = align_output(cfg, state)
     done = out / "align.json"
     if done.exists() and not forced(cfg, "align"):
         return json.loads(done.read_text()) | {"reused": True}
@@ -131,10 +133,10 @@ def align(cfg: DictConfig, state: dict) -> dict:
     del model  # align loads its own copy (frozen parts in the trainer's precision)
     if place.device.type == "cuda":
         torch.cuda.empty_cache()
-    result = train_align(base_dir, block, splits["train"], splits["dev"], out / "checkpoint", settings, init, trainer)
+    result = train_align(base_dir, block, splits["train"], splits["dev"], out / "checkpoint", settings, recipe, trainer)
     if place.device.type == "cuda":
         torch.cuda.empty_cache()  # the twin is gone: give its memory back before vLLM starts
-    result |= {"checkpoint": str(out / "checkpoint"), "projector": block, "init": init, "encoder_cache": caches}
+    result |= {"checkpoint": str(out / "checkpoint"), "projector": block, "init": recipe.init, "encoder_cache": caches}
     from experiments.report import write_json_atomic
 
     if is_main():

@@ -134,17 +134,28 @@ class Qwen2AudioSwap(nn.Module):
         labels: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed next-token cross-entropy over the labelled positions, their count).
-        The LM head runs on those positions only: over every prompt and audio position a 7B
-        vocabulary (156k) would dominate activation memory. Sum and count (not the mean)
-        let data-parallel training weight every token of a global batch alike."""
+        Sum and count (not the mean) let data-parallel training weight every token of a
+        global batch alike."""
+        logits, target = self.labelled_logits(input_ids, attention_mask, audio_embeds, labels)
+        return F.cross_entropy(logits, target, reduction="sum"), torch.tensor(target.numel(), device=target.device)
+
+    def labelled_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        audio_embeds: list[torch.Tensor],
+        labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 logits (N, vocab) predicting each labelled token, those tokens (N,)), in
+        row-major order. The LM head runs on those positions only: over every prompt and
+        audio position a 7B vocabulary (156k) would dominate activation memory."""
         embeds = self.embed(input_ids, audio_embeds)
         hidden = self.language_model.model(
             inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state  # (B, L, d_text)
         target = labels[:, 1:]
         keep = target != IGNORE
-        logits = self.language_model.lm_head(hidden[:, :-1][keep]).float()  # (N, vocab)
-        return F.cross_entropy(logits, target[keep], reduction="sum"), keep.sum()
+        return self.language_model.lm_head(hidden[:, :-1][keep]).float(), target[keep]
 
     @torch.no_grad()
     def generate_greedy(

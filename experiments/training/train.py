@@ -101,6 +101,22 @@ class TextBatcher:
             answer = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.end_id]
             rows.append(prompt + answer)
             labels.append([IGNORE] * len(prompt) + answer)
+        return self._padded(rows, labels)
+
+    def text_teacher(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The rows of the text teacher: the same prompt and answer, the transcript's tokens
+        in place of the audio (what the LLM would predict had it read the words)."""
+        rows, labels = [], []
+        at = self.prompt_ids.index(self.audio_token_id)
+        for text in texts:
+            words = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompt = self.prompt_ids[:at] + words + self.prompt_ids[at + 1 :]
+            answer = words + [self.end_id]
+            rows.append(prompt + answer)
+            labels.append([IGNORE] * len(prompt) + answer)
+        return self._padded(rows, labels)
+
+    def _padded(self, rows: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
         width = max(map(len, rows))
         pad = lambda r, v: r + [v] * (width - len(r))  # noqa: E731  right-padded for training
         return {
@@ -206,11 +222,13 @@ def fit(
 
 def export_best(
     model: Qwen2AudioSwap, trained: torch.nn.Module, best_state: dict | None, processor, out_dir: Path,
-    frozen_from: Path | None = None,
+    frozen_from: Path | None = None, lora: bool = False,
 ) -> None:
     """Load the best weights and write the checkpoint (process 0 only; atomic).
     frozen_from: take every weight but the projector's from this checkpoint's files, so
-    frozen parts are written bit-identical however they were held in training (bf16)."""
+    frozen parts are written bit-identical however they were held in training (bf16).
+    lora: the LLM carries LoRA adapters; their merged weights replace the base's tensors."""
+    from experiments.training.lora import merged_weights
     from qwen2_audio_vllm.checkpoint import read_weights, save_checkpoint
 
     if best_state is not None:
@@ -222,6 +240,10 @@ def export_best(
         prefix = "multi_modal_projector."
         weights = read_weights(frozen_from, skip_prefix=prefix)
         weights |= {prefix + k: v for k, v in model.multi_modal_projector.state_dict().items()}
+    if lora:
+        if weights is None:
+            raise ValueError("merging LoRA adapters needs the base checkpoint's tensors (frozen_from)")
+        weights |= merged_weights(model.language_model, "language_model.", like=weights)
     save_checkpoint(model, processor, out_dir, weights=weights)
 
 
@@ -236,6 +258,64 @@ def mean_loss(loss_on: LossFn, n: int, batch_size: int) -> float:
 
 CTC_UNITS = ("tokens", "chars")
 ALIGN_INITS = ("random", "base", "mean_pool")
+KD_TEACHERS = ("none", "base", "text")
+
+
+@dataclass(frozen=True)
+class AlignRecipe:
+    """How the align stage trains beyond its schedule (conf/train/align.yaml: init, kd, lora).
+
+    init (ALIGN_INITS): the projector's starting weights.
+    kd_teacher (KD_TEACHERS): distillation beside the LM loss, on the transcript's tokens:
+      base: the base checkpoint (its full-rate projector, the same frozen LLM) on the same
+      audio; text: the frozen LLM reading the transcript as text in the audio's place
+      (Ultravox, DiVA). Loss = LM + kd_weight * T^2 * KL(teacher_T || student_T), summed
+      per token like the LM loss.
+    lora_rank > 0: LoRA adapters (lora_alpha, on the LLM's Linears named in lora_targets)
+      train with the projector and are merged into the exported LLM weights."""
+
+    init: str = "random"
+    kd_teacher: str = "none"
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        if self.init not in ALIGN_INITS:
+            raise ValueError(f"train.init={self.init!r}; expected one of {ALIGN_INITS} (or auto)")
+        if self.kd_teacher not in KD_TEACHERS:
+            raise ValueError(f"train.kd.teacher={self.kd_teacher!r}; expected one of {KD_TEACHERS}")
+        if self.kd_temperature <= 0 or self.kd_weight < 0:
+            raise ValueError(f"train.kd needs temperature > 0 and weight >= 0; got {self.kd_temperature}, {self.kd_weight}")
+
+    @classmethod
+    def from_config(cls, init: str, kd: dict | None = None, lora: dict | None = None) -> AlignRecipe:
+        kd, lora = kd or {}, lora or {}
+        return cls(
+            init=init, kd_teacher=kd.get("teacher", "none"), kd_weight=kd.get("weight", 1.0),
+            kd_temperature=kd.get("temperature", 1.0), lora_rank=lora.get("rank", 0),
+            lora_alpha=lora.get("alpha", 16.0), lora_targets=tuple(lora.get("targets", cls.lora_targets)),
+        )
+
+    def beyond_init(self) -> dict:
+        """The settings other than init that differ from none (empty for a plain align run,
+        so align keys of runs without KD or LoRA stay what they were)."""
+        out = {}
+        if self.kd_teacher != "none":
+            out["kd"] = [self.kd_teacher, self.kd_weight, self.kd_temperature]
+        if self.lora_rank:
+            out["lora"] = [self.lora_rank, self.lora_alpha, list(self.lora_targets)]
+        return out
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Summed KL(teacher_T || student_T) * T^2 over rows of logits (N, vocab): the
+    distillation term, scaled so its gradient does not shrink with T (Hinton et al.)."""
+    log_s = torch.log_softmax(student.float() / temperature, -1)
+    log_t = torch.log_softmax(teacher.float() / temperature, -1)
+    return (log_t.exp() * (log_t - log_s)).sum() * temperature**2
 
 
 def ctc_targets(texts: list[str], units: str, tokenizer) -> tuple[list[list[int]], int]:
@@ -344,53 +424,100 @@ def align(
     dev: tuple[list[torch.Tensor], list[str]],
     out_dir: Path,
     s: TrainSettings,
-    init: str = "random",
+    recipe: AlignRecipe = AlignRecipe(),
     trainer: TrainerSettings = TrainerSettings(),
 ) -> dict:
-    """Train only `projector` on cached pooled encoder frames ([(T_i, d_audio)], texts), the
-    encoder and the LLM of `base_dir` frozen (in the trainer's precision); export the best
-    weights to `out_dir`. init (ALIGN_INITS): random (a fresh projector), base (the base
-    checkpoint's own projector weights: same block), mean_pool (a stack-k linear projector
-    that starts as mean pooling of k frames followed by the base's stack-1 linear
-    projection, LinearProjector.init_as_mean_pool). Under torchrun every process runs this
-    on its share of each global batch; process 0 writes the checkpoint."""
+    """Train only `projector` (and LoRA adapters where the recipe asks) on cached pooled
+    encoder frames ([(T_i, d_audio)], texts), the encoder and the LLM of `base_dir` frozen
+    (in the trainer's precision); export the best weights to `out_dir`. recipe.init: random
+    (a fresh projector), base (the base checkpoint's own projector weights: same block),
+    mean_pool (a stack-k linear projector that starts as mean pooling of k frames followed
+    by the base's stack-1 linear projection, LinearProjector.init_as_mean_pool); the rest of
+    the recipe is AlignRecipe's. The dev loss that picks the best weights is the LM loss
+    alone. Under torchrun every process runs this on its share of each global batch;
+    process 0 writes the checkpoint."""
     from experiments.training.cache import pad_frames
+    from experiments.training.lora import adapters_off, add_lora
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
     place = trainer.placement()
     torch.manual_seed(s.seed)
-    if init not in ALIGN_INITS:
-        raise ValueError(f"train.init={init!r}; expected one of {ALIGN_INITS} (or auto)")
-    model = load_model(base_dir, projector=projector, load_projector=init == "base", device=place.device, dtype=place.dtype)
+    if recipe.lora_rank and devices.world_size() > 1:
+        raise ValueError("train.lora.rank > 0 runs in one process (its adapters are not data-parallel yet); "
+                         "run without torchrun or set train.lora.rank=0")
+    model = load_model(base_dir, projector=projector, load_projector=recipe.init == "base", device=place.device, dtype=place.dtype)
     processor = load_processor(base_dir)
-    if init == "mean_pool":
+    if recipe.init == "mean_pool":
         _mean_pool_init(model.multi_modal_projector, base_dir)
     model.requires_grad_(False)
     proj = model.multi_modal_projector.float().requires_grad_(True)  # float32 master weights
+    adapters, trained = None, proj
+    if recipe.lora_rank:
+        adapters = add_lora(model.language_model, recipe.lora_rank, recipe.lora_alpha, recipe.lora_targets)
+        trained = torch.nn.ModuleDict({"projector": proj, "lora": adapters})
     if trainer.gradient_checkpointing:
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run = devices.data_parallel(proj, place)
     batcher = TextBatcher(processor.tokenizer, model.audio_token_id)
+    teacher_projector = _base_projector(base_dir, place.device) if recipe.kd_teacher == "base" else None
+
+    def teacher_logits(x: torch.Tensor, lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        with torch.no_grad(), adapters_off(adapters):
+            if recipe.kd_teacher == "text":
+                return model.labelled_logits(audio_embeds=[], **_on(batcher.text_teacher(texts), place.device))[0]
+            audio = _project_with(teacher_projector, x, lengths)
+            return model.labelled_logits(audio_embeds=audio, **_on(batcher(texts, [a.shape[0] for a in audio]), place.device))[0]
 
     def loss_for(frames: list[torch.Tensor], texts: list[str], train_mode: bool) -> LossFn:
         def loss_on(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             x, lengths = pad_frames([frames[i] for i in idx])
-            audio = model.project(x.to(place.device, torch.float32), lengths, run=run if train_mode else None)
-            batch = batcher([texts[i] for i in idx], [a.shape[0] for a in audio])
-            return model.token_loss(audio_embeds=audio, **{k: v.to(place.device) for k, v in batch.items()})
+            x = x.to(place.device, torch.float32)
+            audio = model.project(x, lengths, run=run if train_mode else None)
+            rows = [texts[i] for i in idx]
+            batch = _on(batcher(rows, [a.shape[0] for a in audio]), place.device)
+            logits, target = model.labelled_logits(audio_embeds=audio, **batch)
+            total = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+            if train_mode and recipe.kd_teacher != "none" and recipe.kd_weight > 0:
+                teacher = teacher_logits(x, lengths, rows)
+                total = total + recipe.kd_weight * kd_loss(logits, teacher, recipe.kd_temperature)
+            return total, torch.tensor(target.numel(), device=target.device)
 
         return loss_on
 
     n_tokens = proj.output_lengths(torch.tensor([f.shape[0] for f in train[0]])).tolist()
     lengths = batcher.lengths(train[1], n_tokens)
     result, best = fit(
-        model, proj, loss_for(*train, train_mode=True),
+        model, trained, loss_for(*train, train_mode=True),
         lambda: mean_loss(loss_for(*dev, train_mode=False), len(dev[1]), s.batch_size),
         batches(lengths, s.batch_size, _budget(trainer), s.seed), s, place, f"align {projector['name']}",
     )
-    export_best(model, proj, best, processor, out_dir, frozen_from=base_dir)
-    result["trainable_params"] = sum(p.numel() for p in proj.parameters())
+    export_best(model, trained, best, processor, out_dir, frozen_from=base_dir, lora=adapters is not None)
+    result["trainable_params"] = sum(p.numel() for p in trained.parameters())
+    result["recipe"] = recipe.__dict__ | {"lora_targets": list(recipe.lora_targets)}
     return result
+
+
+def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _project_with(projector: torch.nn.Module, frames: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    """Qwen2AudioSwap.project with another projector (the distillation teacher's)."""
+    mask = torch.arange(frames.shape[1], device=frames.device)[None, :] < lengths[:, None].to(frames.device)
+    out = projector(frames, mask)
+    return [out[i, : int(n)] for i, n in enumerate(projector.output_lengths(lengths))]
+
+
+def _base_projector(base_dir: Path, device: torch.device) -> torch.nn.Module:
+    """The base checkpoint's own projector, frozen, float32: the full-rate KD teacher's."""
+    from projectors import build_projector
+    from qwen2_audio_vllm.checkpoint import load_config, read_weights
+
+    config = load_config(base_dir)
+    proj = build_projector(config.projector, config.audio_config.d_model, config.text_config.hidden_size)
+    prefix = "multi_modal_projector."
+    proj.load_state_dict({k[len(prefix):]: v for k, v in read_weights(base_dir, only_prefix=prefix).items()})
+    return proj.float().to(device).requires_grad_(False).eval()
 
 
 def _mean_pool_init(proj: torch.nn.Module, base_dir: Path) -> None:
