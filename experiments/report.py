@@ -166,13 +166,15 @@ def _append_row(table_csv: Path, row: dict[str, Any]) -> list[dict[str, str]]:
     return [{k: str(r.get(k, "")) for k in header} for r in rows]
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+def pareto_front(points: list[tuple[float, float]], higher_x: bool = True) -> list[int]:
     """Indices (ascending) of the points no other point dominates, for x = throughput (higher is
-    better) and y = WER (lower is better). Equal points do not dominate each other."""
+    better; higher_x=False: x = a cost such as audio tokens/s, lower is better) and y = WER
+    (lower is better). Equal points do not dominate each other."""
+    sign = 1 if higher_x else -1
     front = []
     for i, (xi, yi) in enumerate(points):
         dominated = any(
-            xj >= xi and yj <= yi and (xj > xi or yj < yi)
+            sign * xj >= sign * xi and yj <= yi and (xj != xi or yj < yi)
             for j, (xj, yj) in enumerate(points)
             if j != i
         )
@@ -223,10 +225,11 @@ def pareto_figure(rows: list[dict[str, Any]], x: str = "throughput_ratio_vs_line
 
 
 def _pareto_panel(ax, rows: list[dict[str, Any]], x: str, y: str) -> None:
+    higher_x = x != "audio_tokens_per_s"
     pts = [(float(_number(r[x])), float(_number(r[y]))) for r in rows]
     for (px, py), row in zip(pts, rows, strict=True):
         lo_y, hi_y = _number(row.get(f"{y}_ci_low")), _number(row.get(f"{y}_ci_high"))
-        lo_x, hi_x = _number(row.get("throughput_ratio_min")), _number(row.get("throughput_ratio_max"))
+        lo_x, hi_x = (_number(row.get("throughput_ratio_min")), _number(row.get("throughput_ratio_max"))) if higher_x else (None, None)
         yerr = [[py - lo_y], [hi_y - py]] if isinstance(lo_y, int | float) and isinstance(hi_y, int | float) else None
         xerr = [[px - lo_x], [hi_x - px]] if isinstance(lo_x, int | float) and isinstance(hi_x, int | float) else None
         is_base = row.get("name") == BASELINE
@@ -234,12 +237,50 @@ def _pareto_panel(ax, rows: list[dict[str, Any]], x: str, y: str) -> None:
                     color="C1" if is_base else "C0", ecolor="0.6", capsize=3, zorder=3)
         label = f"{row.get('name', '?')} (baseline)" if is_base else str(row.get("name", "?"))
         ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.axvline(1.0, color="C1", linestyle=":", linewidth=1, label="baseline throughput (linear)")
-    front = sorted((pts[i] for i in pareto_front(pts)), key=lambda p: p[0])
-    # steps-pre: at throughput x the best WER reachable is that of the next front point.
-    ax.plot([p[0] for p in front], [p[1] for p in front], drawstyle="steps-pre", color="C3", marker="o",
+    if higher_x:
+        ax.axvline(1.0, color="C1", linestyle=":", linewidth=1, label="baseline throughput (linear)")
+    front = sorted((pts[i] for i in pareto_front(pts, higher_x)), key=lambda p: p[0])
+    # steps-pre (higher x better): at throughput x the best WER reachable is that of the next
+    # front point; steps-post for a cost, where it is that of the previous one.
+    ax.plot([p[0] for p in front], [p[1] for p in front], drawstyle="steps-pre" if higher_x else "steps-post", color="C3", marker="o",
             markerfacecolor="none", markersize=11, label="Pareto front")
     ax.legend(loc="best", fontsize=8)
+
+
+COMPARISON_COLUMNS = (
+    "name", "recipe", "audio_tokens_per_s", "wer", "wer_ci_low", "wer_ci_high", "wer_noisy", "wer_ci_low_noisy",
+    "wer_ci_high_noisy", "throughput_ratio_vs_linear", "throughput_ratio_min", "throughput_ratio_max",
+    "projector_params", "best_dev_loss", "align_seconds_per_step",
+)
+
+
+def write_comparison(rows: list[dict[str, Any]], prefix: Path) -> tuple[Path, Path]:
+    """`<prefix>.md` (a table) and `<prefix>.png` (WER against audio tokens/s and against
+    the req/s ratio, Pareto fronts marked) from the latest row of each (model, data, name)
+    in `rows`, ordered by tokens/s, most first: what `experiment=compression` reports."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    latest: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        latest[tuple(row.get(k) for k in ("model", "data", "name"))] = row
+    table = sorted(latest.values(), key=lambda r: -float(_number(r.get("audio_tokens_per_s")) or 0))
+    prefix = Path(prefix)
+    _write_text_atomic(prefix.with_suffix(".md"), _markdown_rows(list(COMPARISON_COLUMNS), table))
+    fig = Figure(figsize=(12, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    for ax, x in zip(fig.subplots(1, 2), ("audio_tokens_per_s", "throughput_ratio_vs_linear"), strict=True):
+        points = [r for r in table if all(isinstance(_number(r.get(k)), int | float) for k in (x, "wer"))]
+        if points:
+            _pareto_panel(ax, points, x, "wer")
+        better = "higher" if x != "audio_tokens_per_s" else "lower"
+        ax.set_xlabel(f"{x} ({better} is better)")
+        ax.set_ylabel("wer, clean held-out (lower is better)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(" / ".join(sorted({f"{r.get('model')} / {r.get('data')}" for r in table})), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(prefix.with_suffix(".png"), format="png")
+    return prefix.with_suffix(".md"), prefix.with_suffix(".png")
 
 
 def log_wandb(

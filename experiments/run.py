@@ -159,6 +159,7 @@ def export(cfg: DictConfig, state: dict) -> dict:
         "checkpoint": str(ckpt),
         "projector_params": sum(p.numel() for p in proj.parameters()),
         "audio_tokens_per_30s": int(proj.output_lengths(torch.tensor([750]))),
+        "audio_tokens_per_s": float(proj.output_lengths(torch.tensor([750]))) / 30,
         "serve_command": f"vllm serve {ckpt}",
     }
 
@@ -275,6 +276,7 @@ def report(cfg: DictConfig, state: dict) -> dict:
         log_wandb,
         plot_pareto,
         run_metadata,
+        write_comparison,
         write_json_atomic,
     )
 
@@ -294,6 +296,8 @@ def report(cfg: DictConfig, state: dict) -> dict:
     # per sweep: the runs whose directories share this run's parent (a multirun's sweep dir)
     group = Path(cfg.run_dir).resolve().parent
     plot_pareto([r for r in rows if Path(r.get("run_dir", "")).resolve().parent == group], group / "pareto.png")
+    if cfg.get("comparison"):
+        write_comparison(rows, Path(cfg.comparison))
     wandb_dir = None
     if cfg.logger.enabled:
         wandb_dir = log_wandb(cfg.logger.project, row["name"], results["config"], row, rows, plot,
@@ -334,12 +338,26 @@ def results_row(cfg: DictConfig, state: dict) -> dict:
         "latency_p50_ratio_vs_linear": ratio.get("latency_p50_s"),
         "long_form_wer_segments": lf.get("segments", {}).get("wer"),
         "long_form_wer_whole": lf.get("whole", {}).get("wer"),
+        "audio_tokens_per_s": ex.get("audio_tokens_per_s"),
+        "recipe": recipe_label(al.get("recipe") or {}, cfg),
         "projector_params": ex.get("projector_params"),
         "best_dev_loss": al.get("best_dev_loss"),
         "align_seconds_per_step": al.get("seconds_per_step"),
         "checkpoint": ex.get("checkpoint") or al.get("checkpoint"),
         "run_dir": str(Path(cfg.run_dir).resolve()),
     }
+
+
+def recipe_label(recipe: dict, cfg: DictConfig) -> str | None:
+    """The align recipe in a table cell, e.g. "init=mean_pool kd=base lr=0.002 steps=600"."""
+    if not recipe:
+        return None
+    parts = [f"init={recipe['init']}"]
+    if recipe.get("kd_teacher", "none") != "none":
+        parts.append(f"kd={recipe['kd_teacher']}(w{recipe['kd_weight']:g},T{recipe['kd_temperature']:g})")
+    if recipe.get("lora_rank"):
+        parts.append(f"lora=r{recipe['lora_rank']}")
+    return " ".join([*parts, f"lr={cfg.train.lr:g}", f"steps={cfg.train.steps}"])
 
 
 def _noisy_columns(noisy: dict) -> dict:

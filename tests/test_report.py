@@ -14,6 +14,7 @@ from experiments.report import (
     pareto_front,
     plot_pareto,
     run_metadata,
+    write_comparison,
     write_json_atomic,
 )
 
@@ -75,6 +76,25 @@ def test_pareto_front():
     points = [(1.0, 0.10), (1.5, 0.08), (3.0, 0.12), (2.0, 0.13), (1.5, 0.08), (0.5, 0.05)]
     assert pareto_front(points) == [1, 2, 4, 5]
     assert pareto_front([]) == []
+    # x a cost (audio tokens/s, lower is better): fewer tokens at equal WER dominates
+    assert pareto_front([(25.0, 0.10), (6.25, 0.10), (3.1, 0.20), (12.5, 0.09)], higher_x=False) == [1, 2, 3]
+
+
+def test_write_comparison_keeps_each_projectors_latest_run(tmp_path):
+    """experiment=compression's table and plot: one row per projector (its latest run),
+    most audio tokens first, and two panels (tokens/s and req/s ratio) with the baseline."""
+    row = lambda name, tps, wer, ratio: {  # noqa: E731
+        "name": name, "model": "tiny", "data": "synthetic", "audio_tokens_per_s": tps, "wer": wer,
+        "throughput_ratio_vs_linear": ratio, "recipe": "init=mean_pool kd=base",
+    }
+    rows = [row("linear", 25.0, 0.30, 1.0), row("linear-stack4", 6.25, 0.50, 1.2),
+            row("linear-stack4", 6.25, 0.40, 1.3), row("attention-q2w8", 6.25, 0.45, "")]
+    md, png = write_comparison(rows, tmp_path / "compression")
+    lines = md.read_text().splitlines()
+    assert lines[0].startswith("| name | recipe | audio_tokens_per_s | wer |")
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| linear", "| linear-stack4", "| attention-q2w8"]
+    assert "| 0.4 |" in lines[3]  # the rerun's WER, not the first run's
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_plot_pareto_panels_baseline_and_error_bars(tmp_path):
