@@ -10,8 +10,16 @@ from safetensors.torch import load_file
 
 from experiments.data import SyntheticSpec, build_synthetic, read_manifest
 from experiments.training.cache import load_or_build, pad_frames
-from experiments.training.lora import add_lora, adapters_off, merged_weights
-from experiments.training.train import AlignRecipe, TextBatcher, TrainSettings, _base_projector, _project_with, align, kd_loss
+from experiments.training.lora import adapters_off, add_lora, merged_weights
+from experiments.training.train import (
+    AlignRecipe,
+    TextBatcher,
+    TrainSettings,
+    _base_projector,
+    _project_with,
+    align,
+    kd_loss,
+)
 from qwen2_audio_vllm.checkpoint import load_model, load_processor
 from qwen2_audio_vllm.hf import IGNORE
 
@@ -136,3 +144,26 @@ def test_recipe_rejects_unknown_settings():
         add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), 2, 4, ("q_proj",))
     assert AlignRecipe().beyond_init() == {}  # runs without KD or LoRA keep their align keys
     assert AlignRecipe(lora_rank=8).beyond_init() == {"lora": [8, 16.0, ["q_proj", "v_proj"]]}
+
+
+@pytest.mark.engine
+def test_vllm_serves_the_lora_merged_checkpoint_as_the_twin_does(tiny_base, data, tmp_path, speech_clips):
+    """Plain vLLM (the fork, no LoRA support asked for) loads the merged export and decodes
+    what the HF twin decodes from it."""
+    from vllm import SamplingParams
+
+    from experiments.serving.engine import audio_request, chat_prompt, close_llm, make_llm
+    from qwen2_audio_vllm.hf import greedy_transcribe
+
+    out = tmp_path / "lora"
+    align(tiny_base, STACK4, data["train"], data["dev"], out, STEPS, AlignRecipe(init="mean_pool", lora_rank=4, lora_alpha=8))
+    model, processor = load_model(out), load_processor(out)
+    prompt = chat_prompt(processor.tokenizer)
+    audios = [a for _, a, _ in speech_clips][:4]
+    llm = make_llm(out, max_num_seqs=4)
+    try:
+        outs = llm.generate([audio_request(prompt, a) for a in audios], SamplingParams(max_tokens=12, temperature=0))
+    finally:
+        close_llm(llm)
+    hf_tokens, _ = greedy_transcribe(model, processor, audios, prompt, max_new_tokens=12)
+    assert [list(o.outputs[0].token_ids) for o in outs] == hf_tokens
