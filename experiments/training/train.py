@@ -4,6 +4,8 @@
                    scratch on transcripts: builds the `model=tiny` base checkpoint.
     align(...)     only the projector (encoder and LLM frozen), on cached encoder outputs
                    (experiments.training.cache), LM loss on the transcript: the `align` stage.
+                   Its AlignRecipe adds the compression recipes: the starting weights,
+                   distillation from a teacher, LoRA adapters merged at export.
 
 Both use the same prompt as serving (`engine.chat_prompt`), AdamW with linear warmup and
 cosine decay, gradient clipping, a tqdm bar with the loss, periodic dev loss (token-weighted
