@@ -76,3 +76,20 @@ def tiny_base() -> Path:
     from experiments.data.prepare import ensure_random_tiny
 
     return ensure_random_tiny()
+
+
+def cached_splits(base: Path, out_dir: Path, seed: int, train: int) -> dict[str, tuple[list, list[str]]]:
+    """{train, dev: (cached encoder frames of `base`, texts)} of a small synthetic corpus
+    (`train` + 8 dev clips), what the align tests train on."""
+    from experiments.data import SyntheticSpec, build_synthetic, read_manifest
+    from experiments.training.cache import load_or_build
+    from qwen2_audio_vllm.checkpoint import load_model, load_processor
+
+    m = build_synthetic(out_dir / "syn", SyntheticSpec(seed=seed, train=train, dev=8, test=2), workers=2)
+    model, processor = load_model(base), load_processor(base)
+    out = {}
+    for split in ("train", "dev"):
+        rows = read_manifest(m[split])
+        frames, _ = load_or_build(model, processor, rows, out_dir / f"cache-{split}")
+        out[split] = (frames, [r["text"] for r in rows])
+    return out

@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experiments.data import SyntheticSpec, build_synthetic, read_manifest
-from experiments.training.cache import load_or_build, pad_frames
+from experiments.training.cache import pad_frames
 from experiments.training.lora import adapters_off, add_lora, merged_weights
 from experiments.training.train import (
     AlignRecipe,
@@ -22,6 +21,7 @@ from experiments.training.train import (
 )
 from qwen2_audio_vllm.checkpoint import load_model, load_processor
 from qwen2_audio_vllm.hf import IGNORE
+from tests.conftest import cached_splits
 
 STEPS = TrainSettings(steps=8, batch_size=8, lr=3e-3, warmup=2, eval_every=4)
 STACK4 = {"name": "linear", "stack": 4}
@@ -29,15 +29,7 @@ STACK4 = {"name": "linear", "stack": 4}
 
 @pytest.fixture(scope="module")
 def data(tiny_base, tmp_path_factory):
-    d = tmp_path_factory.mktemp("recipes")
-    m = build_synthetic(d / "syn", SyntheticSpec(seed=11, train=24, dev=8, test=2), workers=2)
-    model, processor = load_model(tiny_base), load_processor(tiny_base)
-    out = {}
-    for split in ("train", "dev"):
-        rows = read_manifest(m[split])
-        frames, _ = load_or_build(model, processor, rows, d / f"cache-{split}")
-        out[split] = (frames, [r["text"] for r in rows])
-    return out
+    return cached_splits(tiny_base, tmp_path_factory.mktemp("recipes"), seed=11, train=24)
 
 
 def test_kd_loss_is_the_tempered_kl():

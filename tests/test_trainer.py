@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from experiments.data import SyntheticSpec, build_synthetic, read_manifest
-from experiments.training.cache import load_or_build
 from experiments.training.devices import placement
 from experiments.training.train import TextBatcher, TrainerSettings, TrainSettings, align, batches
 from qwen2_audio_vllm.checkpoint import load_model, load_processor
+from tests.conftest import cached_splits
 
 
 def test_auto_placement_and_clear_errors():
@@ -79,15 +79,7 @@ def test_fixed_batches_are_batch_size_rows_of_similar_length():
 
 @pytest.fixture(scope="module")
 def data(tiny_base, tmp_path_factory):
-    d = tmp_path_factory.mktemp("trainer")
-    m = build_synthetic(d / "syn", SyntheticSpec(seed=7, train=32, dev=8, test=2), workers=2)
-    model, processor = load_model(tiny_base), load_processor(tiny_base)
-    out = {}
-    for split in ("train", "dev"):
-        rows = read_manifest(m[split])
-        frames, _ = load_or_build(model, processor, rows, d / f"cache-{split}")
-        out[split] = (frames, [r["text"] for r in rows])
-    return out
+    return cached_splits(tiny_base, tmp_path_factory.mktemp("trainer"), seed=7, train=32)
 
 
 def test_token_loss_is_the_summed_hf_loss(tiny_base, data):
