@@ -69,14 +69,20 @@ class Qwen2AudioSwap(nn.Module):
         return encoder.encode(self.audio_tower, input_features, feature_attention_mask, trim=trim)
 
     def project(
-        self, frames: torch.Tensor, lengths: torch.Tensor, run: nn.Module | None = None
+        self,
+        frames: torch.Tensor,
+        lengths: torch.Tensor,
+        run: nn.Module | None = None,
+        projector: Projector | None = None,
     ) -> list[torch.Tensor]:
         """Pooled frames (B, T, d_audio) + lengths (B,) -> one (n_i, d_text) tensor per clip,
         n_i = projector.output_lengths(lengths)[i]. `run`: a wrapper of the projector to call
-        instead (DistributedDataParallel in data-parallel training)."""
+        instead (DistributedDataParallel in data-parallel training). `projector`: another
+        projector than this model's (a distillation teacher's)."""
+        projector = projector or self.multi_modal_projector
         mask = torch.arange(frames.shape[1], device=frames.device)[None, :] < lengths[:, None].to(frames.device)
-        out = (run or self.multi_modal_projector)(frames, mask)
-        n_tokens = self.multi_modal_projector.output_lengths(lengths)
+        out = (run or projector)(frames, mask)
+        n_tokens = projector.output_lengths(lengths)
         return [out[i, : int(n)] for i, n in enumerate(n_tokens)]
 
     def project_modality(self, name: str, items: list[torch.Tensor]) -> list[torch.Tensor]:

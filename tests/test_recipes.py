@@ -15,7 +15,6 @@ from experiments.training.train import (
     TextBatcher,
     TrainSettings,
     _base_projector,
-    _project_with,
     align,
     kd_loss,
 )
@@ -64,7 +63,7 @@ def test_base_teacher_is_the_base_projector(tiny_base, data):
     model = load_model(tiny_base)
     x, lengths = pad_frames([f.float() for f in data["train"][0][:3]])
     with torch.no_grad():
-        ours = _project_with(_base_projector(tiny_base, torch.device("cpu")), x, lengths)
+        ours = model.project(x, lengths, projector=_base_projector(tiny_base, torch.device("cpu")))
         ref = model.project(x, lengths)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b)

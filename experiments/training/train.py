@@ -467,7 +467,7 @@ def align(
         with torch.no_grad(), adapters_off(adapters):
             if recipe.kd_teacher == "text":
                 return model.labelled_logits(audio_embeds=[], **_on(batcher.text_teacher(texts), place.device))[0]
-            audio = _project_with(teacher_projector, x, lengths)
+            audio = model.project(x, lengths, projector=teacher_projector)
             return model.labelled_logits(audio_embeds=audio, **_on(batcher(texts, [a.shape[0] for a in audio]), place.device))[0]
 
     def loss_for(frames: list[torch.Tensor], texts: list[str], train_mode: bool) -> LossFn:
@@ -501,13 +501,6 @@ def align(
 
 def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def _project_with(projector: torch.nn.Module, frames: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
-    """Qwen2AudioSwap.project with another projector (the distillation teacher's)."""
-    mask = torch.arange(frames.shape[1], device=frames.device)[None, :] < lengths[:, None].to(frames.device)
-    out = projector(frames, mask)
-    return [out[i, : int(n)] for i, n in enumerate(projector.output_lengths(lengths))]
 
 
 def _base_projector(base_dir: Path, device: torch.device) -> torch.nn.Module:
