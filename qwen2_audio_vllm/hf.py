@@ -9,6 +9,9 @@ loads (`audio_tower.*`, `multi_modal_projector.*`, `language_model.model.*`,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -205,22 +208,30 @@ def clip_embeddings(model: Qwen2AudioSwap, processor, audios: list) -> list[torc
 
 @torch.no_grad()
 def greedy_transcribe(
-    model: Qwen2AudioSwap, processor, audios: list, prompt: str, max_new_tokens: int = 32
+    model: Qwen2AudioSwap, processor, audios: list, prompt: str | Callable[[int], str], max_new_tokens: int = 32
 ) -> tuple[list[list[int]], list[int]]:
-    """HF reference decoding of one prompt per clip (16 kHz float arrays).
-    Returns (new token ids per clip, audio placeholder count per clip)."""
-    audio = clip_embeddings(model, processor, audios)
-    counts = [a.shape[0] for a in audio]
-    ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    rows = [expand_audio_placeholders(ids, [n], model.audio_token_id) for n in counts]
+    """HF reference decoding of one prompt per entry of `audios`: a 16 kHz float array (one
+    audio item), or a list of them (several items, e.g. a stream's chunks, each encoded on
+    its own and placed at its own <|AUDIO|>, as vLLM does with several audios per prompt).
+    `prompt`: the prompt text, or a function of the entry's item count giving it.
+    Returns (new token ids per entry, audio placeholder count per entry)."""
+    items = [list(a) if isinstance(a, (list, tuple)) else [a] for a in audios]
+    flat = clip_embeddings(model, processor, [x for entry in items for x in entry])
+    per_item = [e.shape[0] for e in flat]
+    ends = np.cumsum([0, *map(len, items)])
+    rows = []
+    for a, b in zip(ends[:-1], ends[1:], strict=True):
+        text = prompt(int(b - a)) if callable(prompt) else prompt
+        ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        rows.append(expand_audio_placeholders(ids, per_item[a:b], model.audio_token_id))
     width = max(map(len, rows))
     pad = processor.tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left-padded
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     eos = processor.tokenizer.convert_tokens_to_ids(STOP_TOKENS)
-    out = model.generate_greedy(input_ids, attention_mask, audio, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    out = model.generate_greedy(input_ids, attention_mask, flat, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     tokens = []
     for row in out.tolist():
         stop = next((i for i, t in enumerate(row) if t in eos), None)
         tokens.append(row if stop is None else row[: stop + 1])  # vLLM keeps the stop token
-    return tokens, counts
+    return tokens, [sum(per_item[a:b]) for a, b in zip(ends[:-1], ends[1:], strict=True)]

@@ -8,6 +8,11 @@ sees `overlap_s` of left context, and its first `overlap_s * 25` pooled frames a
 before the projector so no stretch of audio is represented twice. The vLLM fork
 (extensions/long_audio.py) and the HF twin (hf.clip_embeddings) both use these functions,
 so their token counts and embeddings agree.
+
+Streaming (experiments/serving/streaming.py) uses the same pieces: a stream is cut by
+`chunks` (= `split` with hop = window) into pieces that are each their own audio item, so
+each is encoded alone and earlier pieces' embeddings never change. `hf.clip_embeddings`
+encodes items window by window for both.
 """
 
 from __future__ import annotations
@@ -63,6 +68,12 @@ def split(audio: np.ndarray, w: Windowing) -> list[np.ndarray]:
         return [audio]
     n = 1 + -(-(len(audio) - w.window) // w.hop)  # ceil
     return [audio[i * w.hop : i * w.hop + w.window] for i in range(n)]
+
+
+def chunks(audio: np.ndarray, samples: int) -> list[np.ndarray]:
+    """(T,) samples -> consecutive pieces of `samples` (the last one may be shorter): the
+    windows of `split` with no overlap, as a stream cuts its audio into chunks."""
+    return split(audio, Windowing(samples, samples, max_windows=-(-len(audio) // samples), drop=0))
 
 
 def first_kept(num_windows: Sequence[int], w: Windowing) -> torch.Tensor:

@@ -77,13 +77,18 @@ def cli_flags(kwargs: dict[str, Any]) -> list[str]:
     return args
 
 
-def chat_prompt(tokenizer, text: str = TRANSCRIBE_PROMPT) -> str:
-    """The single-audio chat prompt served by `vllm serve` (chat completions) and used in
-    offline evaluation and training, so all three see the same tokens."""
-    content = f"Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n{text}"
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
+def chat_prompt(tokenizer, text: str = TRANSCRIBE_PROMPT, n_audios: int = 1, answer_prefix: str = "") -> str:
+    """The chat prompt served by `vllm serve` (chat completions with `n_audios` audio parts
+    before the text) and used in offline evaluation and training, so all three see the same
+    tokens. `answer_prefix`: the start of the assistant's answer, to be continued (as the
+    server's `continue_final_message`)."""
+    content = "".join(f"Audio {i}: <|audio_bos|><|AUDIO|><|audio_eos|>\n" for i in range(1, n_audios + 1)) + text
+    messages = [{"role": "user", "content": content}]
+    if answer_prefix:
+        return tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": answer_prefix}], tokenize=False, continue_final_message=True
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def make_llm(model_dir: str | Path, **overrides: Any):
@@ -106,7 +111,10 @@ def close_llm(llm) -> None:
 
 
 def audio_request(prompt: str, audio) -> dict[str, Any]:
-    """One offline request: a prompt with one <|AUDIO|> and 16 kHz float samples."""
+    """One offline request: a prompt with one <|AUDIO|> per item and 16 kHz float samples
+    (one array, or a list of them for several items)."""
+    if isinstance(audio, (list, tuple)):
+        return {"prompt": prompt, "multi_modal_data": {"audio": [(a, 16000) for a in audio]}}
     return {"prompt": prompt, "multi_modal_data": {"audio": (audio, 16000)}}
 
 

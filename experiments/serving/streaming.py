@@ -1,0 +1,390 @@
+"""Streaming transcription: audio arrives in chunks, a partial transcript follows each one.
+
+    python -m experiments.serving.streaming files=[a.wav] [model=DIR] [chunk_s=1.0]
+    python -m experiments.serving.streaming demo=true     # WER, latency per update, plot
+
+Layout. A stream cut into k chunks (`windows.chunks`, the pieces long-form windows are cut
+by) is one chat prompt with k audio items, as `vllm serve` renders k audio parts:
+"Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\\nAudio 2: ...\\n<instruction>". Each chunk is
+its own item, so it is encoded alone (the embeddings of earlier chunks never change when more
+audio comes) and hashed alone by vLLM. With automatic prefix caching an update's prompt shares
+everything up to the previous chunks with the last update's, so vLLM prefills only the new
+chunk, the instruction and the answer prefix below, in whole KV blocks (the cache is vLLM's;
+nothing here stores KV or encoder outputs).
+
+Partial text. Update k starts the assistant's answer with update k-1's text minus its last
+`unstable_words` words (a word cut by the chunk boundary may still change) and decodes only
+the rest, so an update's decode does not grow with the audio before it. The final update,
+after the last chunk, decodes the whole transcript afresh: the transcript that counts is
+never locked to a guess made on partial audio.
+
+Bad input: every chunk of a stream must come at the stream's first sample rate (resampled
+to 16 kHz like any audio; a change mid-stream is refused), an empty chunk is refused and
+leaves the stream as it was, and a stream whose source stops without its final chunk keeps
+its partial transcripts, marked not final, with the reason. A stream's state is its
+`AudioStream`; the engine shares only content-addressed caches between streams.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from experiments.data.audio import MIN_SECONDS, SAMPLE_RATE, AudioError, load_audio
+from qwen2_audio_vllm import windows
+
+# On CPU the KV block size must be a multiple of 32 (PLATFORM.md); prefix hits come in blocks.
+BLOCK_SIZE = 32
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    chunk_s: float = 1.0  # seconds of audio per chunk (one audio item each)
+    max_chunks: int = 30  # audio items one prompt may carry (the engine's limit_mm_per_prompt)
+    unstable_words: int = 2  # words of the previous partial that an update may still change
+    partial_tokens: int = 16  # new tokens an update may decode
+    final_tokens_per_s: int = 16  # the final transcript's budget per second of audio (min 32)
+
+    @property
+    def chunk(self) -> int:
+        return int(round(self.chunk_s * SAMPLE_RATE))
+
+
+class AudioStream:
+    """One live stream: chunks of any size pushed in, fixed `chunk_s` pieces out.
+
+    `push` buffers samples and returns how many complete pieces it added; `end` turns what is
+    left into the last piece (padded with silence to the model's minimum length)."""
+
+    def __init__(self, settings: StreamSettings) -> None:
+        self.settings = settings
+        self.pieces: list[np.ndarray] = []
+        self.sample_rate: int | None = None
+        self.ended = False
+        self._buffer = np.zeros(0, dtype=np.float32)
+
+    @property
+    def seconds(self) -> float:
+        return (sum(map(len, self.pieces)) + len(self._buffer)) / SAMPLE_RATE
+
+    def push(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> int:
+        if self.ended:
+            raise AudioError("this stream has ended; start a new AudioStream for more audio")
+        if np.asarray(samples).size == 0:
+            raise AudioError("an empty chunk (0 samples); send audio, or end the stream to get the final transcript")
+        if self.sample_rate is not None and sample_rate != self.sample_rate:
+            raise AudioError(
+                f"a chunk at {sample_rate} Hz in a stream that started at {self.sample_rate} Hz; "
+                "send every chunk of a stream at one sample rate (or start a new stream)"
+            )
+        x = self._to_16k(samples, sample_rate)
+        self.sample_rate = sample_rate
+        buffer = np.concatenate([self._buffer, x])
+        pieces = windows.chunks(buffer, self.settings.chunk)
+        complete = [p for p in pieces if len(p) == self.settings.chunk]
+        if len(self.pieces) + len(complete) + (len(complete) < len(pieces)) > self.settings.max_chunks:
+            raise AudioError(
+                f"the stream would exceed {self.settings.max_chunks} chunks of {self.settings.chunk_s} s; "
+                "end it, or raise streaming.max_chunks (the engine's audio items per prompt)"
+            )
+        self.pieces += complete
+        self._buffer = buffer[len(complete) * self.settings.chunk :]
+        return len(complete)
+
+    def end(self) -> None:
+        if self.ended:
+            return
+        if len(self._buffer):
+            shortest = int(MIN_SECONDS * SAMPLE_RATE)
+            self.pieces.append(np.pad(self._buffer, (0, max(0, shortest - len(self._buffer)))))
+            self._buffer = self._buffer[:0]
+        if not self.pieces:
+            raise AudioError("the stream ended without any audio; send at least one chunk")
+        self.ended = True
+
+    @staticmethod
+    def _to_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+        x = np.asarray(samples, dtype=np.float32)
+        if x.ndim == 2:  # channels are the short axis (to_model_audio's rule)
+            x = x.mean(axis=1 if x.shape[0] >= x.shape[1] else 0)
+        if x.ndim != 1 or not np.isfinite(x).all():
+            raise AudioError(f"a chunk must be finite mono or multi-channel samples, got shape {x.shape}")
+        if sample_rate == SAMPLE_RATE:
+            return x
+        import librosa
+
+        return librosa.resample(x, orig_sr=sample_rate, target_sr=SAMPLE_RATE).astype(np.float32)
+
+
+@dataclass
+class Update:
+    """One partial (or the final) transcript of a stream, with what it cost."""
+
+    chunks: int
+    audio_s: float
+    text: str
+    final: bool
+    prompt_tokens: int
+    cached_tokens: int  # vLLM's prefix-cache hit for this request
+    new_tokens: int
+    latency_s: float  # from the chunk's arrival to the text
+    error: str | None = None
+
+    @property
+    def prefill_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+
+def answer_prefix(previous: str, unstable_words: int) -> str:
+    """The words of the previous partial an update keeps: all but the last `unstable_words`."""
+    words = previous.split()
+    return " ".join(words[: max(0, len(words) - unstable_words)])
+
+
+def joined(prefix: str, continuation: str) -> str:
+    return " ".join(f"{prefix}{continuation}".split())
+
+
+def streaming_engine_args(settings: StreamSettings) -> dict:
+    """The engine options a stream needs: prefix caching in blocks of BLOCK_SIZE, up to
+    `max_chunks` audio items per prompt (profiled at one chunk's length), stats on (the
+    prefix-cache counters)."""
+    return dict(
+        enable_prefix_caching=True,
+        block_size=BLOCK_SIZE,
+        limit_mm_per_prompt={"audio": {"count": settings.max_chunks, "length": settings.chunk}},
+        disable_log_stats=False,
+    )
+
+
+class StreamingTranscriber:
+    """Partial and final transcripts of streams through one `vllm.LLM` started with
+    `streaming_engine_args` (any number of streams, one after another or interleaved)."""
+
+    def __init__(self, llm, settings: StreamSettings) -> None:
+        self.llm, self.settings = llm, settings
+        self.tokenizer = llm.get_tokenizer()
+
+    def update(self, stream: AudioStream, previous: str = "", arrived: float | None = None) -> Update:
+        """The transcript of `stream`'s pieces so far: final once the stream has ended."""
+        from vllm import SamplingParams
+
+        from experiments.serving.engine import audio_request, chat_prompt
+
+        arrived = time.perf_counter() if arrived is None else arrived
+        final = stream.ended
+        prefix = "" if final else answer_prefix(previous, self.settings.unstable_words)
+        budget = max(32, int(self.settings.final_tokens_per_s * stream.seconds + 0.5)) if final else self.settings.partial_tokens
+        prompt = chat_prompt(self.tokenizer, n_audios=len(stream.pieces), answer_prefix=prefix)
+        (out,) = self.llm.generate([audio_request(prompt, list(stream.pieces))],
+                                   SamplingParams(max_tokens=budget, temperature=0), use_tqdm=False)
+        return Update(len(stream.pieces), sum(map(len, stream.pieces)) / SAMPLE_RATE, joined(prefix, out.outputs[0].text),
+                      final, len(out.prompt_token_ids), int(out.num_cached_tokens or 0), len(out.outputs[0].token_ids),
+                      time.perf_counter() - arrived)
+
+    def run(self, chunks: Iterable[tuple[np.ndarray, int]]) -> list[Update]:
+        """Push each (samples, sample_rate) chunk as it comes; a partial after each complete
+        piece, the final transcript when `chunks` is exhausted. If the source fails first,
+        the partials so far are returned and the last one carries the reason."""
+        stream, updates = AudioStream(self.settings), []
+        source: Iterator = iter(chunks)
+        while True:
+            try:
+                samples, sr = next(source)
+            except StopIteration:
+                break
+            except Exception as err:  # the source broke: keep what was transcribed, say why
+                reason = f"stream stopped without its final chunk ({type(err).__name__}: {err}); partial transcripts kept, not final"
+                if updates:
+                    updates[-1].error = reason
+                else:
+                    updates.append(Update(0, 0.0, "", False, 0, 0, 0, 0.0, reason))
+                return updates
+            arrived = time.perf_counter()
+            for _ in range(stream.push(samples, sr)):
+                updates.append(self.update(stream, updates[-1].text if updates else "", arrived))
+        stream.end()
+        updates.append(self.update(stream))
+        return updates
+
+
+def in_chunks(audio: np.ndarray, chunk_s: float, sample_rate: int = SAMPLE_RATE) -> list[tuple[np.ndarray, int]]:
+    """A clip as a live source would send it: consecutive `chunk_s` pieces."""
+    return [(p, sample_rate) for p in windows.chunks(audio, int(round(chunk_s * sample_rate)))]
+
+
+def wav_bytes(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """A chunk as a float WAV file (lossless: the server decodes the samples sent)."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, samples, sample_rate, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+@dataclass
+class StreamingReport:
+    settings: dict
+    clean_wer: dict = field(default_factory=dict)  # final streamed vs whole-utterance, held-out voices
+    updates: list[dict] = field(default_factory=list)  # long clips: every update's cost
+    per_update_vs_whole: dict = field(default_factory=dict)  # alternating rounds at the last second
+
+
+def streaming_eval(ckpt: Path, rows: list[dict], settings: StreamSettings, long_clips: int, long_s: float,
+                   rounds: int, out_dir: Path) -> dict:
+    """(1) WER of the final streamed transcript vs one whole-utterance request, on `rows`;
+    (2) every update of `long_clips` clips of `long_s` seconds (test utterances joined by
+    pauses); (3) at the last update of one long clip, the streamed update (prefix cache warm
+    from the update before) vs re-sending the whole audio as one item with the prefix cache
+    emptied, in `rounds` alternating rounds. Writes streaming.json and streaming.png."""
+    from vllm import SamplingParams
+
+    from experiments.metrics import wer_cer
+    from experiments.report import write_json_atomic
+    from experiments.serving.engine import audio_request, chat_prompt, close_llm, make_llm
+    from experiments.serving.long_form import demo_clips, engine_len
+
+    report = StreamingReport(asdict(settings))
+    llm = make_llm(ckpt, max_model_len=engine_len(ckpt), **streaming_engine_args(settings))
+    try:
+        st = StreamingTranscriber(llm, settings)
+        audios = [load_audio(r["audio_filepath"]) for r in rows]
+        refs = [r["text"] for r in rows]
+        streamed = [st.run(in_chunks(a, settings.chunk_s))[-1].text for a in audios]
+        prompt = chat_prompt(st.tokenizer)
+        whole = [o.outputs[0].text.strip() for o in llm.generate([audio_request(prompt, a) for a in audios],
+                                                                   SamplingParams(max_tokens=32, temperature=0), use_tqdm=False)]
+        report.clean_wer = {"n_utts": len(rows), "streamed": wer_cer(refs, streamed), "whole": wer_cer(refs, whole),
+                            "examples": [{"ref": r, "streamed": s, "whole": w} for r, s, w in list(zip(refs, streamed, whole, strict=True))[:5]]}
+        clips = [a for a, _ in demo_clips(rows, long_s, long_clips, seed=1)]
+        for i, clip in enumerate(clips):
+            report.updates += [dict(asdict(u), clip=i, prefill_tokens=u.prefill_tokens) for u in st.run(in_chunks(clip, settings.chunk_s))]
+        report.per_update_vs_whole = last_update_vs_whole(st, clips[0], rounds)
+    finally:
+        close_llm(llm)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = asdict(report)
+    write_json_atomic(out_dir / "streaming.json", result)
+    plot_updates(report.updates, out_dir / "streaming.png")
+    return result
+
+
+def last_update_vs_whole(st: StreamingTranscriber, clip: np.ndarray, rounds: int) -> dict:
+    """The last partial update of `clip` (the prefix cache holding the update before it)
+    against the same audio re-sent as one whole item with the prefix cache emptied: latency
+    and prefill tokens, A B A B ... `rounds` each; median and min-max of the per-round ratio."""
+    from vllm import SamplingParams
+
+    from experiments.serving.engine import audio_request, chat_prompt
+
+    pieces = [p for p, _ in in_chunks(clip, st.settings.chunk_s)]
+    if len(pieces) < 2:
+        raise ValueError("the clip must span at least two chunks")
+    previous = AudioStream(st.settings)
+    for p in pieces[:-2]:
+        previous.push(p)
+    last = AudioStream(st.settings)
+    for p in pieces[:-1]:
+        last.push(p)
+    params = SamplingParams(max_tokens=st.settings.partial_tokens, temperature=0)
+    whole_prompt = chat_prompt(st.tokenizer)
+    streamed, whole = [], []
+    for _ in range(rounds):
+        st.llm.reset_prefix_cache()
+        before = st.update(previous)  # untimed: fills the prefix cache as the stream would have
+        streamed.append(st.update(last, before.text))
+        st.llm.reset_prefix_cache()
+        t0 = time.perf_counter()
+        (out,) = st.llm.generate([audio_request(whole_prompt, np.concatenate(pieces[:-1]))], params, use_tqdm=False)
+        whole.append((time.perf_counter() - t0, len(out.prompt_token_ids) - int(out.num_cached_tokens or 0)))
+    ratios = sorted(w[0] / s.latency_s for s, w in zip(streamed, whole, strict=True))
+    return {
+        "audio_s": streamed[0].audio_s, "rounds": rounds,
+        "streamed_latency_s": float(np.median([s.latency_s for s in streamed])),
+        "whole_latency_s": float(np.median([w[0] for w in whole])),
+        "latency_ratio": float(np.median(ratios)), "latency_ratio_min": ratios[0], "latency_ratio_max": ratios[-1],
+        "streamed_prefill_tokens": streamed[0].prefill_tokens, "whole_prefill_tokens": whole[0][1],
+        "prefill_ratio": whole[0][1] / max(streamed[0].prefill_tokens, 1),
+    }
+
+
+def by_second(updates: list[dict]) -> dict[int, list[dict]]:
+    """Partial updates grouped by the whole seconds of audio they cover."""
+    out: dict[int, list[dict]] = {}
+    for u in updates:
+        if not u["final"] and u["chunks"]:
+            out.setdefault(int(round(u["audio_s"])), []).append(u)
+    return dict(sorted(out.items()))
+
+
+def plot_updates(updates: list[dict], path: Path) -> None:
+    """Latency (median, min-max over clips) and prefill tokens per partial update against the
+    audio it covers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = by_second(updates)
+    secs = list(groups)
+    lat = [[u["latency_s"] * 1000 for u in g] for g in groups.values()]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    med = [float(np.median(x)) for x in lat]
+    a.errorbar(secs, med, yerr=[[m - min(x) for m, x in zip(med, lat, strict=True)], [max(x) - m for m, x in zip(med, lat, strict=True)]],
+               marker="o", capsize=3)
+    a.set(xlabel="audio so far (s)", ylabel="chunk arrival -> partial text (ms)", title="latency per update", ylim=(0, None))
+    b.plot(secs, [np.median([u["prefill_tokens"] for u in g]) for g in groups.values()], marker="o", label="prefilled (cache miss)")
+    b.plot(secs, [np.median([u["prompt_tokens"] for u in g]) for g in groups.values()], marker="s", label="prompt (whole, no cache)")
+    b.set(xlabel="audio so far (s)", ylabel="tokens", title="prefill per update")
+    b.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@hydra.main(config_path="../../conf/apps", config_name="streaming", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from experiments.data import prepare, read_manifest
+    from experiments.serving.engine import close_llm, make_llm
+    from experiments.serving.long_form import engine_len
+
+    settings = StreamSettings(**cfg.stream)
+    model = Path(cfg.model) if cfg.model else prepare.default_base()[0]
+    if cfg.demo:
+        manifests = prepare.default_base()[1]
+        rows = read_manifest(manifests["test"])[: cfg.utterances]
+        r = streaming_eval(model, rows, settings, cfg.long_clips, cfg.long_s, cfg.rounds, Path(cfg.out_dir))
+        w = r["clean_wer"]
+        print(f"final WER, {w['n_utts']} held-out utterances: streamed {w['streamed']['wer']:.1%} "
+              f"[{w['streamed']['wer_ci_low']:.1%}, {w['streamed']['wer_ci_high']:.1%}]  "
+              f"whole {w['whole']['wer']:.1%} [{w['whole']['wer_ci_low']:.1%}, {w['whole']['wer_ci_high']:.1%}]")
+        for sec, g in by_second(r["updates"]).items():
+            print(f"{sec:>3} s: latency p50 {np.median([u['latency_s'] for u in g]) * 1000:6.1f} ms  "
+                  f"prefill {np.median([u['prefill_tokens'] for u in g]):5.0f} of {np.median([u['prompt_tokens'] for u in g]):5.0f} tokens")
+        print("last update vs whole audio re-sent:", json.dumps(r["per_update_vs_whole"]))
+        print(f"-> {cfg.out_dir}/streaming.json, streaming.png")
+        return
+    if not cfg.files:
+        raise SystemExit("give audio files (files=[a.wav]), or demo=true")
+    llm = make_llm(model, max_model_len=engine_len(model), **streaming_engine_args(settings))
+    try:
+        st = StreamingTranscriber(llm, settings)
+        for f in cfg.files:
+            for u in st.run(in_chunks(load_audio(f), settings.chunk_s)):
+                tag = "final" if u.final else f"{u.audio_s:5.1f} s"
+                print(f"{f}\t{tag}\t{u.latency_s * 1000:.0f} ms\t{u.prefill_tokens}/{u.prompt_tokens} prefilled\t{u.text}")
+    finally:
+        close_llm(llm)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Streaming (experiments/serving/streaming.py): chunking, bad input, and through a real vLLM
+engine the prefix-cache reuse, the HF twin's decoding of the same chunked layout, and
+isolation between streams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiments.data.audio import SAMPLE_RATE, AudioError
+from experiments.serving.streaming import (
+    AudioStream,
+    StreamSettings,
+    answer_prefix,
+    in_chunks,
+    joined,
+)
+from qwen2_audio_vllm import windows
+
+
+def test_chunks_are_the_windows_of_split_without_overlap():
+    audio = np.arange(10_500, dtype=np.float32)
+    pieces = windows.chunks(audio, 4000)
+    assert [len(p) for p in pieces] == [4000, 4000, 2500]
+    np.testing.assert_array_equal(np.concatenate(pieces), audio)
+    assert [len(p) for p in windows.chunks(audio[:4000], 4000)] == [4000]
+
+
+def test_stream_emits_fixed_pieces_whatever_the_push_sizes():
+    s = AudioStream(StreamSettings(chunk_s=0.5))
+    audio = np.random.default_rng(0).standard_normal(int(1.7 * SAMPLE_RATE)).astype(np.float32) * 0.1
+    added = [s.push(audio[a:b]) for a, b in ((0, 3000), (3000, 11000), (11000, 20000), (20000, len(audio)))]
+    assert added == [0, 1, 1, 1] and s.seconds == pytest.approx(1.7)
+    s.end()
+    assert [len(p) for p in s.pieces] == [8000, 8000, 8000, 3200]
+    np.testing.assert_array_equal(np.concatenate(s.pieces), audio)
+
+
+def test_stream_resamples_a_constant_rate_and_pads_a_tiny_tail():
+    s = AudioStream(StreamSettings(chunk_s=1.0))
+    assert s.push(np.zeros((48000, 2), dtype=np.float32), 48000) == 1  # stereo 48 kHz: downmixed, resampled
+    s.push(np.zeros(100, dtype=np.float32), 48000)
+    s.end()
+    assert len(s.pieces[0]) == SAMPLE_RATE and len(s.pieces[1]) == int(0.05 * SAMPLE_RATE)  # padded to the minimum
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda s: s.push(np.zeros(0, dtype=np.float32)), "empty chunk"),
+    (lambda s: s.push(np.zeros(800, dtype=np.float32), 8000), "started at 16000 Hz"),
+    (lambda s: s.push(np.full(800, np.nan, dtype=np.float32)), "finite"),
+    (lambda s: s.push(np.zeros(10 * SAMPLE_RATE, dtype=np.float32)), "exceed 3 chunks"),
+])
+def test_bad_chunks_are_refused_and_the_stream_is_unchanged(bad, message):
+    s = AudioStream(StreamSettings(chunk_s=1.0, max_chunks=3))
+    s.push(np.zeros(SAMPLE_RATE + 10, dtype=np.float32))
+    with pytest.raises(AudioError, match=message):
+        bad(s)
+    assert len(s.pieces) == 1 and s.seconds == pytest.approx((SAMPLE_RATE + 10) / SAMPLE_RATE)
+    s.end()
+    with pytest.raises(AudioError, match="has ended"):
+        s.push(np.zeros(100, dtype=np.float32))
+
+
+def test_a_stream_without_audio_cannot_end():
+    with pytest.raises(AudioError, match="without any audio"):
+        AudioStream(StreamSettings()).end()
+
+
+def test_answer_prefix_keeps_all_but_the_unstable_words():
+    assert answer_prefix("open the red door", 2) == "open the"
+    assert answer_prefix("open the", 2) == "" and answer_prefix("", 2) == ""
+    assert joined("open the", " red  door") == "open the red door" and joined("", "open") == "open"
+
+
+@pytest.mark.engine
+def test_streaming_reuses_the_prefix_cache_and_decodes_as_the_twin(speech_clips, tiny_base):
+    """Through vLLM: (1) from the 2nd update on, the prefix cache covers all but the new
+    chunk, the instruction and the answer prefix (whole blocks of the previous prompt), as
+    vLLM's own counters say; (2) the final transcript equals the HF twin's greedy decoding
+    of the same chunked layout; (3) a stream whose source breaks keeps its partials, marked
+    not final, and leaves nothing behind: the next stream's updates equal a fresh engine's."""
+    from experiments.serving.engine import chat_prompt, close_llm, make_llm
+    from experiments.serving.streaming import (
+        BLOCK_SIZE,
+        StreamingTranscriber,
+        streaming_engine_args,
+    )
+    from qwen2_audio_vllm.checkpoint import load_model, load_processor
+    from qwen2_audio_vllm.hf import greedy_transcribe
+
+    settings = StreamSettings(chunk_s=0.5, max_chunks=12, partial_tokens=6, final_tokens_per_s=4)
+    audio = np.concatenate([a for _, a, _ in speech_clips[:3]])[: int(3.2 * SAMPLE_RATE)]
+    chunks = in_chunks(audio, settings.chunk_s)
+
+    def broken():
+        yield from chunks[:3]
+        raise ConnectionError("caller hung up")
+
+    llm = make_llm(tiny_base, **streaming_engine_args(settings))
+    try:
+        st = StreamingTranscriber(llm, settings)
+        tok = st.tokenizer
+        updates = st.run(chunks)
+        counters = {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:prefix_cache")}
+        cut = st.run(broken())
+        again = st.run(chunks)
+    finally:
+        close_llm(llm)
+    fresh_llm = make_llm(tiny_base, **streaming_engine_args(settings))
+    try:
+        fresh = StreamingTranscriber(fresh_llm, settings).run(chunks)
+    finally:
+        close_llm(fresh_llm)
+
+    assert [u.chunks for u in updates] == [1, 2, 3, 4, 5, 6, 7] and [u.final for u in updates] == [False] * 6 + [True]
+    def after_audio(prefix: str) -> int:  # prompt tokens after the last <|audio_eos|>
+        ids = tok(chat_prompt(tok, answer_prefix=prefix), add_special_tokens=False)["input_ids"]
+        return len(ids) - ids.index(tok.convert_tokens_to_ids("<|audio_eos|>")) - 1
+
+    for j in range(1, len(updates)):
+        before = updates[j - 1]
+        shared = before.prompt_tokens - after_audio(answer_prefix(updates[j - 2].text, 2) if j >= 2 else "")
+        # the hit: the previous prompt up to its last chunk, in whole blocks, so what is
+        # prefilled is the new chunk, the instruction and the answer prefix (+ < 1 block)
+        assert updates[j].cached_tokens % BLOCK_SIZE == 0
+        assert shared - BLOCK_SIZE < updates[j].cached_tokens <= before.prompt_tokens
+    assert counters["vllm:prefix_cache_hits"] >= sum(u.cached_tokens for u in updates) > 0
+
+    model, processor = load_model(tiny_base), load_processor(tiny_base)
+    pieces = [c for c, _ in chunks]
+    tokens, _ = greedy_transcribe(model, processor, [pieces], lambda n: chat_prompt(processor.tokenizer, n_audios=n),
+                                  max_new_tokens=updates[-1].new_tokens)
+    readable = lambda s: " ".join(s.replace("\ufffd", "").split())  # noqa: E731  (see test_long_form)
+    assert readable(updates[-1].text) == readable(processor.tokenizer.decode(tokens[0], skip_special_tokens=True))
+
+    assert [u.final for u in cut] == [False] * 3 and "caller hung up" in cut[-1].error and "not final" in cut[-1].error
+    assert [(u.text, u.prompt_tokens) for u in again] == [(u.text, u.prompt_tokens) for u in fresh]
+    assert [(u.text, u.prompt_tokens) for u in again] == [(u.text, u.prompt_tokens) for u in updates]
