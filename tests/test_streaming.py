@@ -136,3 +136,49 @@ def test_streaming_reuses_the_prefix_cache_and_decodes_as_the_twin(speech_clips,
     assert [u.final for u in cut] == [False] * 3 and "caller hung up" in cut[-1].error and "not final" in cut[-1].error
     assert [(u.text, u.prompt_tokens) for u in again] == [(u.text, u.prompt_tokens) for u in fresh]
     assert [(u.text, u.prompt_tokens) for u in again] == [(u.text, u.prompt_tokens) for u in updates]
+
+
+@pytest.mark.engine
+def test_realtime_client_against_vllm_serve(speech_clips, tiny_base, tmp_path):
+    """mode=realtime against `vllm serve` with streaming.serve_flags: every clip gives a
+    partial per chunk and a final; from the 2nd update on the server reports prefix-cache
+    hits; the prompts are token for token those of the offline StreamingTranscriber; an
+    unreadable file is one failed stream, not a failed run."""
+    import asyncio
+    import json
+
+    from experiments.serving.client import realtime, served_model
+    from experiments.serving.engine import close_llm, make_llm
+    from experiments.serving.server import Server
+    from experiments.serving.streaming import (
+        BLOCK_SIZE,
+        StreamingTranscriber,
+        serve_flags,
+        streaming_engine_args,
+    )
+
+    settings = StreamSettings(chunk_s=0.5, max_chunks=12, partial_tokens=6, final_tokens_per_s=4)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not audio")
+    rows = [{"audio_filepath": str(p), "text": t} for p, _, t in speech_clips[:2]]
+    rows.append({"audio_filepath": str(tmp_path / "broken.wav"), "text": "x"})
+    with Server(tiny_base, {"max_num_seqs": 8, **serve_flags(settings)}, log_dir=tmp_path) as server:
+        async def go():
+            return await realtime(server.base_url, await served_model(server.base_url), rows, settings, concurrency=2)
+
+        result = asyncio.run(go())
+    summary, streams = result["summary"], result["streams"]
+    json.dumps(result)  # the report is plain JSON
+    llm = make_llm(tiny_base, **streaming_engine_args(settings))
+    try:
+        offline = [StreamingTranscriber(llm, settings).run(in_chunks(a, settings.chunk_s)) for _, a, _ in speech_clips[:2]]
+    finally:
+        close_llm(llm)
+
+    for got, want, (_, audio, _) in zip(streams, offline, speech_clips, strict=False):
+        assert len(got) == len(audio) // settings.chunk + 1 and got[-1]["final"]
+        # hits come in whole blocks of the previous prompt's audio part (test above)
+        assert got[-1]["cached_tokens"] >= BLOCK_SIZE and not any(u["error"] for u in got)
+        assert [u["prompt_tokens"] for u in got] == [u.prompt_tokens for u in want]
+    assert "broken.wav" in streams[2][0]["error"] and summary["failed_updates"] >= 1
+    assert summary["prefill_tokens_per_update"]["mean"] < summary["prompt_tokens_per_update"]["mean"]
+    assert 0 <= summary["final_wer"]["wer"] and summary["partial_latency_p95_s"] > 0

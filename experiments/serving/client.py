@@ -3,6 +3,7 @@
     python -m experiments.serving.client base_url=http://127.0.0.1:8000/v1 audio=asset:open_the_red_door
     python -m experiments.serving.client audio=path/to/clip.wav 'prompt="Transcribe the audio."'
     python -m experiments.serving.client mode=simulation manifest=test.jsonl requests=200 concurrency=8 [rate=4]
+    python -m experiments.serving.client mode=realtime manifest=test.jsonl requests=20 [stream.chunk_s=1.0]
 
 Audio sources: a local file (sent as a base64 data URL), an http(s) or file:// URL (passed
 through; the server fetches or refuses it),
@@ -10,6 +11,15 @@ or `asset:<name>` for the clips bundled in experiments/assets/. Responses are st
 each request's time to first token (TTFT) is measured. Each request has a timeout and is
 retried with exponential backoff on connection errors and 5xx/429; 4xx is final. A failed
 request is recorded and never stops the simulation.
+
+`mode=realtime` plays each clip as a live caller would (experiments/serving/streaming.py):
+its chunks become available at real-time pace, and after each one the client sends the
+growing prompt (one audio part per chunk, the previous partial's stable words as the start
+of the answer) and waits for the partial text; the final request follows the last chunk.
+It needs a server started with prefix caching and enough audio items per prompt
+(`streaming.serve_flags`), and reports time from chunk arrival to partial text (p50/p95),
+prefilled (not prefix-cached) prompt tokens per update from the server's usage, and the
+final transcripts' WER next to one whole-utterance request per clip.
 """
 
 from __future__ import annotations
@@ -19,11 +29,14 @@ import base64
 import json
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig
 
+from experiments.data.audio import SAMPLE_RATE
 from experiments.metrics import RequestRecord, format_table, summarize
 from experiments.serving.engine import TRANSCRIBE_PROMPT
 
@@ -152,6 +165,104 @@ def online_summary(records: list[RequestRecord], duration_s: float, concurrency:
     return summary
 
 
+async def stream_clip(client, model: str, audio, settings, prompt: str = TRANSCRIBE_PROMPT,
+                      retries: int = 2, backoff_s: float = 0.5) -> list:
+    """One clip streamed in real time, as StreamingTranscriber.run does offline: a partial
+    after each complete chunk (available `k * chunk_s` after the start), the final at the end
+    of the audio. A request goes out when its audio is there and the previous update has
+    returned. A failed update is recorded (its `error`) and the stream goes on from the last
+    good text. Returns [streaming.Update]."""
+    from experiments.serving.streaming import (
+        AudioStream,
+        Update,
+        answer_prefix,
+        in_chunks,
+        joined,
+        wav_bytes,
+    )
+
+    stream, updates, urls = AudioStream(settings), [], []
+    start = time.perf_counter()
+
+    async def send(arrived: float) -> None:
+        text = updates[-1].text if updates else ""
+        urls.extend(f"data:audio/wav;base64,{base64.b64encode(wav_bytes(p)).decode()}" for p in stream.pieces[len(urls):])
+        await asyncio.sleep(max(0.0, arrived - time.perf_counter()))
+        prefix = "" if stream.ended else answer_prefix(text, settings.unstable_words)
+        msgs = [{"role": "user", "content": [*({"type": "audio_url", "audio_url": {"url": u}} for u in urls),
+                                            {"type": "text", "text": prompt}]}]
+        extra = {}
+        if prefix:  # the stable words start the answer (offline: chat_prompt's answer_prefix)
+            msgs.append({"role": "assistant", "content": prefix})
+            extra = {"continue_final_message": True, "add_generation_prompt": False}
+        budget = max(32, int(settings.final_tokens_per_s * stream.seconds + 0.5)) if stream.ended else settings.partial_tokens
+        for attempt in range(retries + 1):
+            try:
+                r = await client.chat.completions.create(model=model, messages=msgs, max_tokens=budget, temperature=0, extra_body=extra)
+                details = getattr(r.usage, "prompt_tokens_details", None)
+                updates.append(Update(len(urls), stream.seconds, joined(prefix, r.choices[0].message.content or ""),
+                                      stream.ended, r.usage.prompt_tokens, int(getattr(details, "cached_tokens", 0) or 0),
+                                      r.usage.completion_tokens, time.perf_counter() - arrived))
+                return
+            except Exception as err:  # recorded per update; the stream goes on
+                if attempt < retries and retryable(err):
+                    await asyncio.sleep(backoff_s * 2**attempt)
+                    continue
+                updates.append(Update(len(urls), stream.seconds, text, stream.ended, 0, 0, 0,
+                                      time.perf_counter() - arrived, f"{type(err).__name__}: {getattr(err, 'message', err)}"))
+
+    for k, (samples, sr) in enumerate(in_chunks(audio, settings.chunk_s), 1):
+        if stream.push(samples, sr):
+            await send(start + k * settings.chunk / SAMPLE_RATE)  # the chunk's end, in real time
+    stream.end()
+    await send(start + len(audio) / SAMPLE_RATE)
+    return updates
+
+
+async def realtime(base_url: str, model: str, rows: list[dict], settings, concurrency: int = 4,
+                   timeout_s: float = 120) -> dict:
+    """`rows` (manifest rows: audio_filepath, text) streamed in real time, `concurrency`
+    streams at once, then each clip once as a whole-utterance request. Returns the summary
+    and every update."""
+    from openai import AsyncOpenAI
+
+    from experiments.data.audio import AudioError, load_audio
+    from experiments.metrics import percentiles, wer_cer
+
+    sem = asyncio.Semaphore(concurrency)
+    async with AsyncOpenAI(base_url=base_url, api_key="EMPTY", timeout=timeout_s, max_retries=0) as client:
+        async def one(row: dict) -> list:
+            async with sem:
+                try:
+                    audio = load_audio(row["audio_filepath"])
+                except AudioError as err:
+                    from experiments.serving.streaming import Update
+
+                    return [Update(0, 0.0, "", False, 0, 0, 0, 0.0, str(err))]
+                return await stream_clip(client, model, audio, settings)
+
+        streams = await asyncio.gather(*(one(r) for r in rows))
+        whole = [await request(client, model, r["audio_filepath"]) for r in rows]
+    partial = [u for s in streams for u in s if not u.final and not u.error and u.chunks]
+    later = [u for s in streams for u in s if not u.error and u.chunks > 1]  # the prefix cache can help
+    finals = [s[-1] if s and s[-1].final and not s[-1].error else None for s in streams]
+    refs = [r.get("text", "") for r in rows]
+    summary = {
+        "streams": len(rows), "chunk_s": settings.chunk_s, "updates": sum(map(len, streams)),
+        "failed_updates": sum(bool(u.error) for s in streams for u in s),
+        "partial_latency_s": percentiles([u.latency_s for u in partial]),
+        "partial_latency_p95_s": float(np.percentile([u.latency_s for u in partial], 95)) if partial else None,
+        "final_latency_s": percentiles([f.latency_s for f in finals if f]),
+        "prefill_tokens_per_update": percentiles([u.prefill_tokens for u in later]),
+        "prompt_tokens_per_update": percentiles([u.prompt_tokens for u in later]),
+        "errors": sorted({u.error for s in streams for u in s if u.error} | {w.error for w, _ in whole if w.error})[:10],
+    }
+    if all(refs):
+        summary["final_wer"] = wer_cer(refs, [f.text if f else None for f in finals])
+        summary["whole_wer"] = wer_cer(refs, [t.strip() if w.ok else None for w, t in whole])
+    return {"summary": summary, "streams": [[asdict(u) for u in s] for s in streams]}
+
+
 async def served_model(base_url: str) -> str:
     from openai import AsyncOpenAI
 
@@ -163,8 +274,9 @@ async def served_model(base_url: str) -> str:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    if cfg.mode not in ("single", "simulation"):
-        raise SystemExit(f"mode={cfg.mode}: expected single (one request) or simulation (a load run)")
+    if cfg.mode not in ("single", "simulation", "realtime"):
+        raise SystemExit(f"mode={cfg.mode}: expected single (one request), simulation (a load run) "
+                         "or realtime (clips streamed chunk by chunk)")
 
     async def go() -> None:
         model = await served_model(cfg.base_url)
@@ -174,6 +286,18 @@ def main(cfg: DictConfig) -> None:
             async with AsyncOpenAI(base_url=cfg.base_url, api_key="EMPTY") as client:
                 record, text = await request(client, model, cfg.audio, cfg.prompt or TRANSCRIBE_PROMPT, cfg.max_tokens)
             print(text if record.ok else f"request failed: {record.error}")
+            return
+        if cfg.mode == "realtime":
+            from experiments.serving.streaming import StreamSettings
+
+            if not cfg.manifest:
+                raise SystemExit("mode=realtime needs manifest=FILE (JSONL rows with audio_filepath and text)")
+            rows = [json.loads(line) for line in open(cfg.manifest) if line.strip()][: cfg.requests]
+            result = await realtime(cfg.base_url, model, rows, StreamSettings(**cfg.stream), cfg.concurrency)
+            print(json.dumps(result["summary"], indent=1))
+            out = Path(HydraConfig.get().runtime.output_dir) / "realtime.json"
+            out.write_text(json.dumps(result, indent=1))
+            print(f"-> {out}")
             return
         if cfg.manifest:
             sources = [json.loads(line)["audio_filepath"] for line in open(cfg.manifest) if line.strip()]

@@ -165,6 +165,14 @@ def streaming_engine_args(settings: StreamSettings) -> dict:
     )
 
 
+def serve_flags(settings: StreamSettings) -> dict:
+    """`vllm serve` options (serving/server.py `Server(engine=...)`) for the realtime client:
+    the engine's streaming options and per-response cached-token counts in `usage`."""
+    args = streaming_engine_args(settings)
+    args.pop("disable_log_stats")  # the server logs its stats anyway
+    return args | {"enable_prompt_tokens_details": True}
+
+
 class StreamingTranscriber:
     """Partial and final transcripts of streams through one `vllm.LLM` started with
     `streaming_engine_args` (any number of streams, one after another or interleaved)."""
