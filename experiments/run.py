@@ -81,9 +81,10 @@ def align_output(cfg: DictConfig, state: dict) -> tuple[dict, Any, Any, Path]:
     block = projector_block(cfg, Path(state["base_dir"]))
     train = OmegaConf.to_container(cfg.train, resolve=True)
     init, kd, lora = train.pop("init", "auto"), train.pop("kd", None), train.pop("lora", None)
+    chunk_s = train.pop("chunk_s", None)
     if init == "auto":
         init = "base" if block == load_config(state["base_dir"]).projector else "random"
-    recipe = AlignRecipe.from_config(init, kd, lora)
+    recipe = AlignRecipe.from_config(init, kd, lora, chunk_s)
     settings = TrainSettings(**train, seed=cfg.seed)
     m = state["manifests"]
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -122,10 +123,12 @@ def align(cfg: DictConfig, state: dict) -> dict:
     splits, caches = {}, {}
     for split in ("train", "dev"):
         rows = read_manifest(manifests[split])
-        name = f"{Path(base_dir).name}-{split}-{key_of(manifests[split])}-{place.precision}"
+        chunk = int(round(recipe.chunk_s * processor.feature_extractor.sampling_rate)) if recipe.chunk_s else None
+        name = f"{Path(base_dir).name}-{split}-{key_of(manifests[split])}-{place.precision}" + (f"-chunk{chunk}" if chunk else "")
         cache_dir = cache_root() / "encoder" / name
         with main_first():
-            frames, _ = load_or_build(model, processor, rows, cache_dir, trainer.encoder_batch_size, trainer.cache_store_dtype)
+            frames, _ = load_or_build(model, processor, rows, cache_dir, trainer.encoder_batch_size,
+                                      trainer.cache_store_dtype, chunk)
         splits[split] = (frames, [r["text"] for r in rows])
         caches[split] = cache_info(cache_dir)
         print(f"[align] encoder cache {split}: {caches[split]['clips']} clips, "
@@ -357,6 +360,8 @@ def recipe_label(recipe: dict, cfg: DictConfig) -> str | None:
         parts.append(f"kd={recipe['kd_teacher']}(w{recipe['kd_weight']:g},T{recipe['kd_temperature']:g})")
     if recipe.get("lora_rank"):
         parts.append(f"lora=r{recipe['lora_rank']}")
+    if recipe.get("chunk_s"):
+        parts.append(f"chunks={recipe['chunk_s']:g}s")
     return " ".join([*parts, f"lr={cfg.train.lr:g}", f"steps={cfg.train.steps}"])
 
 

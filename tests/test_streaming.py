@@ -182,3 +182,41 @@ def test_realtime_client_against_vllm_serve(speech_clips, tiny_base, tmp_path):
     assert "broken.wav" in streams[2][0]["error"] and summary["failed_updates"] >= 1
     assert summary["prefill_tokens_per_update"]["mean"] < summary["prompt_tokens_per_update"]["mean"]
     assert 0 <= summary["final_wer"]["wer"] and summary["partial_latency_p95_s"] > 0
+
+
+def test_chunked_cache_and_align_use_the_stream_layout(speech_clips, tiny_base, tmp_path):
+    """train.chunk_s: the encoder cache holds each chunk encoded alone (what a stream's items
+    are), the batcher's prompt is the stream's multi-audio prompt, and align trains on it."""
+    import torch
+
+    from experiments.serving.engine import chat_prompt
+    from experiments.training.cache import encoder_frames, load_or_build
+    from experiments.training.train import AlignRecipe, TextBatcher, TrainSettings, align
+    from qwen2_audio_vllm.checkpoint import load_model, load_processor
+    from qwen2_audio_vllm.hf import expand_audio_placeholders
+
+    model, processor = load_model(tiny_base), load_processor(tiny_base)
+    rows = [{"audio_filepath": str(p), "text": t, "duration": len(a) / SAMPLE_RATE} for p, a, t in speech_clips]
+    chunk = SAMPLE_RATE // 2
+    frames, lengths = load_or_build(model, processor, rows, tmp_path / "cache", chunk_samples=chunk)
+    again, _ = load_or_build(model, processor, rows, tmp_path / "cache", chunk_samples=chunk)  # reused, equal
+    _, a, _ = speech_clips[0]
+    alone = encoder_frames(model, processor.feature_extractor, windows.chunks(a, chunk))
+    assert [len(r) for r in frames] == [len(windows.chunks(x, chunk)) for _, x, _ in speech_clips]
+    for got, want in zip(frames[0], alone, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)  # stored in float16
+    assert all(torch.equal(x, y) for r, s in zip(frames, again, strict=True) for x, y in zip(r, s, strict=True))
+    assert int(lengths[0]) == sum(f.shape[0] for f in frames[0])
+
+    batcher = TextBatcher(processor.tokenizer, model.audio_token_id)
+    batch = batcher(["open the red door"], [[3, 2, 4]])
+    prompt = processor.tokenizer(chat_prompt(processor.tokenizer, n_audios=3), add_special_tokens=False)["input_ids"]
+    expanded = expand_audio_placeholders(prompt, [3, 2, 4], model.audio_token_id)
+    assert batch["input_ids"][0, : len(expanded)].tolist() == expanded
+    assert batcher.lengths(["open the red door"], [[3, 2, 4]]) == [int(batch["attention_mask"].sum())]
+
+    texts = [r["text"] for r in rows]
+    result = align(tiny_base, {"name": "linear", "stack": 1}, (frames, texts), (frames, texts), tmp_path / "out",
+                   TrainSettings(steps=40, batch_size=4, lr=5e-3, warmup=2, eval_every=20), AlignRecipe(init="base", chunk_s=0.5))
+    assert result["recipe"]["chunk_s"] == 0.5 and result["best_dev_loss"] < result["history"][0]["dev_loss"] + 1e-6
+    assert (tmp_path / "out" / "model.safetensors").exists()

@@ -51,16 +51,18 @@ def tower_hash(model: Qwen2AudioSwap) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(model: Qwen2AudioSwap, processor, rows: list[dict], store_dtype: torch.dtype = torch.float16) -> dict[str, str]:
+def cache_key(model: Qwen2AudioSwap, processor, rows: list[dict], store_dtype: torch.dtype = torch.float16,
+              chunk_samples: int | None = None) -> dict[str, str]:
     fe = processor.feature_extractor
     fe_json = json.dumps(fe.to_dict(), sort_keys=True, default=str)
     manifest = json.dumps([(r["audio_filepath"], r["text"]) for r in rows])
-    return {
+    key = {
         "audio_tower": tower_hash(model),
         "feature_extractor": hashlib.sha256(fe_json.encode()).hexdigest()[:16],
         "manifest": hashlib.sha256(manifest.encode()).hexdigest()[:16],
         "store_dtype": str(store_dtype),
     }
+    return key | ({"chunk_samples": str(chunk_samples)} if chunk_samples else {})
 
 
 def _sha256(path: Path) -> str:
@@ -82,29 +84,40 @@ def is_valid(cache_dir: Path, key: dict[str, str]) -> bool:
 @torch.no_grad()
 def build(
     model: Qwen2AudioSwap, processor, rows: list[dict], cache_dir: Path, key: dict[str, str],
-    batch_size: int = 16, store_dtype: torch.dtype = torch.float16,
+    batch_size: int = 16, store_dtype: torch.dtype = torch.float16, chunk_samples: int | None = None,
 ) -> None:
     """Encode every row (batches of similar duration, so trimming pays) and write the shards
-    into a temp dir renamed into place: a killed build leaves no cache that looks valid."""
+    into a temp dir renamed into place: a killed build leaves no cache that looks valid.
+    With `chunk_samples`, each row is cut into chunks (windows.chunks) encoded one by one,
+    stored as frames_<row>_<chunk>."""
     from qwen2_audio_vllm.checkpoint import fresh_tmp_dir
+    from qwen2_audio_vllm.windows import chunks
 
     tmp = fresh_tmp_dir(cache_dir)
     fe = processor.feature_extractor
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: rows[i].get("duration", 0.0))
-    frames: dict[int, torch.Tensor] = {}
+    frames: dict[str, torch.Tensor] = {}
+    pieces: dict[int, int] = {}
     for start in tqdm(range(0, len(rows), batch_size), desc="encoder cache", unit="batch"):
-        chunk = order[start : start + batch_size]
-        audios = [load_audio(rows[i]["audio_filepath"]) for i in chunk]
-        for i, f in zip(chunk, encoder_frames(model, fe, audios), strict=True):
-            frames[i] = f.to(store_dtype)
+        batch = order[start : start + batch_size]
+        audios = {i: load_audio(rows[i]["audio_filepath"]) for i in batch}
+        items = {i: chunks(a, chunk_samples) if chunk_samples else [a] for i, a in audios.items()}
+        names = [f"frames_{i}_{j}" if chunk_samples else f"frames_{i}" for i in batch for j in range(len(items[i]))]
+        for name, f in zip(names, encoder_frames(model, fe, [x for i in batch for x in items[i]]), strict=True):
+            frames[name] = f.to(store_dtype)
+        pieces |= {i: len(items[i]) for i in batch}
     shards = []
     for n_shard, first in enumerate(range(0, len(rows), SHARD)):
         name = f"shard_{n_shard:05d}.safetensors"
-        save_file({f"frames_{i}": frames[i] for i in range(first, min(len(rows), first + SHARD))}, tmp / name)
-        shards.append({"file": name, "sha256": _sha256(tmp / name), "n": min(SHARD, len(rows) - first)})
+        mine = range(first, min(len(rows), first + SHARD))
+        save_file({k: frames[k] for k in frames if int(k.split("_")[1]) in mine}, tmp / name)
+        shards.append({"file": name, "sha256": _sha256(tmp / name), "n": len(mine)})
     nbytes = sum((tmp / s["file"]).stat().st_size for s in shards)
-    write_json_atomic(tmp / "index.json", {"key": key, "n": len(rows), "bytes": nbytes, "dtype": str(store_dtype), "shards": shards})
+    index = {"key": key, "n": len(rows), "bytes": nbytes, "dtype": str(store_dtype), "shards": shards}
+    if chunk_samples:
+        index["pieces"] = [pieces[i] for i in range(len(rows))]
+    write_json_atomic(tmp / "index.json", index)
     shutil.rmtree(cache_dir, ignore_errors=True)
     try:
         tmp.rename(cache_dir)
@@ -114,19 +127,24 @@ def build(
 
 def load_or_build(
     model: Qwen2AudioSwap, processor, rows: list[dict], cache_dir: Path,
-    batch_size: int = 16, store_dtype: torch.dtype = torch.float16,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+    batch_size: int = 16, store_dtype: torch.dtype = torch.float16, chunk_samples: int | None = None,
+) -> tuple[list, torch.Tensor]:
     """Pooled encoder frames per manifest row, (T_i, d_audio) in `store_dtype`, and their
-    lengths (N,)."""
-    key = cache_key(model, processor, rows, store_dtype)
+    lengths (N,). With `chunk_samples`: per row the list of its chunks' frames, and the
+    rows' total lengths."""
+    key = cache_key(model, processor, rows, store_dtype, chunk_samples)
     if not is_valid(cache_dir, key):
         if (cache_dir / "index.json").exists():
             print(f"[cache] {cache_dir} is stale or corrupt; rebuilding")
-        build(model, processor, rows, cache_dir, key, batch_size, store_dtype)
+        build(model, processor, rows, cache_dir, key, batch_size, store_dtype, chunk_samples)
+    index = json.loads((cache_dir / "index.json").read_text())
     tensors: dict[str, torch.Tensor] = {}
-    for shard in json.loads((cache_dir / "index.json").read_text())["shards"]:
+    for shard in index["shards"]:
         tensors.update(load_file(cache_dir / shard["file"]))
     # clone: load_file maps the shard, and a later rebuild replaces that file
+    if "pieces" in index:
+        frames = [[tensors[f"frames_{i}_{j}"].clone() for j in range(n)] for i, n in enumerate(index["pieces"])]
+        return frames, torch.tensor([sum(f.shape[0] for f in row) for row in frames])
     frames = [tensors[f"frames_{i}"].clone() for i in range(len(rows))]
     return frames, torch.tensor([f.shape[0] for f in frames])
 

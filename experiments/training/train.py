@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -86,20 +87,31 @@ class TextBatcher:
     def __init__(self, tokenizer, audio_token_id: int) -> None:
         self.tokenizer = tokenizer
         self.audio_token_id = audio_token_id
-        self.prompt_ids = tokenizer(chat_prompt(tokenizer), add_special_tokens=False)["input_ids"]
+        self._prompts: dict[int, list[int]] = {}
+        self.prompt_ids = self.prompt_for(1)
         self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = tokenizer.pad_token_id
 
-    def lengths(self, texts: list[str], n_audio_tokens: list[int]) -> list[int]:
-        """Tokens per row (prompt with expanded audio + transcript + <|im_end|>)."""
-        fixed = len(self.prompt_ids) - 1 + 1  # one placeholder becomes n tokens; + <|im_end|>
-        answers = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [fixed + int(n) + len(a) for a, n in zip(answers, n_audio_tokens, strict=True)]
+    def prompt_for(self, n_audios: int) -> list[int]:
+        """The prompt's tokens with `n_audios` audio items (streaming.py's layout for n > 1)."""
+        if n_audios not in self._prompts:
+            text = chat_prompt(self.tokenizer, n_audios=n_audios)
+            self._prompts[n_audios] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._prompts[n_audios]
 
-    def __call__(self, texts: list[str], n_audio_tokens: list[int]) -> dict[str, torch.Tensor]:
+    def lengths(self, texts: list[str], n_audio_tokens: list[int | list[int]]) -> list[int]:
+        """Tokens per row (prompt with expanded audio + transcript + <|im_end|>). An entry of
+        `n_audio_tokens` is a clip's token count, or one count per item (stream chunks)."""
+        answers = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        items = [n if isinstance(n, list) else [int(n)] for n in n_audio_tokens]
+        # each placeholder becomes its item's tokens; + <|im_end|>
+        return [len(self.prompt_for(len(n))) - len(n) + sum(n) + len(a) + 1 for a, n in zip(answers, items, strict=True)]
+
+    def __call__(self, texts: list[str], n_audio_tokens: list[int | list[int]]) -> dict[str, torch.Tensor]:
         rows, labels = [], []
         for text, n in zip(texts, n_audio_tokens, strict=True):
-            prompt = expand_audio_placeholders(self.prompt_ids, [n], self.audio_token_id)
+            n = n if isinstance(n, list) else [int(n)]
+            prompt = expand_audio_placeholders(self.prompt_for(len(n)), n, self.audio_token_id)
             answer = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.end_id]
             rows.append(prompt + answer)
             labels.append([IGNORE] * len(prompt) + answer)
@@ -274,7 +286,10 @@ class AlignRecipe:
       (Ultravox, DiVA). Loss = LM + kd_weight * T^2 * KL(teacher_T || student_T), summed
       per token like the LM loss.
     lora_rank > 0: LoRA adapters (lora_alpha, on the LLM's Linears named in lora_targets)
-      train with the projector and are merged into the exported LLM weights."""
+      train with the projector and are merged into the exported LLM weights.
+    chunk_s: align for streaming (experiments/serving/streaming.py): every clip is cut into
+      chunks of chunk_s seconds, each encoded on its own and placed at its own <|AUDIO|> of
+      a multi-audio prompt, the layout a stream's prompt has. None: one item per clip."""
 
     init: str = "random"
     kd_teacher: str = "none"
@@ -283,6 +298,7 @@ class AlignRecipe:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    chunk_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.init not in ALIGN_INITS:
@@ -291,14 +307,18 @@ class AlignRecipe:
             raise ValueError(f"train.kd.teacher={self.kd_teacher!r}; expected one of {KD_TEACHERS}")
         if self.kd_temperature <= 0 or self.kd_weight < 0:
             raise ValueError(f"train.kd needs temperature > 0 and weight >= 0; got {self.kd_temperature}, {self.kd_weight}")
+        if self.chunk_s is not None and self.chunk_s < 0.1:
+            raise ValueError(f"train.chunk_s={self.chunk_s}: chunks must be at least 0.1 s (or null: whole clips)")
 
     @classmethod
-    def from_config(cls, init: str, kd: dict | None = None, lora: dict | None = None) -> AlignRecipe:
+    def from_config(cls, init: str, kd: dict | None = None, lora: dict | None = None,
+                    chunk_s: float | None = None) -> AlignRecipe:
         kd, lora = kd or {}, lora or {}
         return cls(
             init=init, kd_teacher=kd.get("teacher", "none"), kd_weight=kd.get("weight", 1.0),
             kd_temperature=kd.get("temperature", 1.0), lora_rank=lora.get("rank", 0),
             lora_alpha=lora.get("alpha", 16.0), lora_targets=tuple(lora.get("targets", cls.lora_targets)),
+            chunk_s=chunk_s,
         )
 
     def beyond_init(self) -> dict:
@@ -309,6 +329,8 @@ class AlignRecipe:
             out["kd"] = [self.kd_teacher, self.kd_weight, self.kd_temperature]
         if self.lora_rank:
             out["lora"] = [self.lora_rank, self.lora_alpha, list(self.lora_targets)]
+        if self.chunk_s is not None:
+            out["chunk_s"] = self.chunk_s
         return out
 
 
@@ -463,30 +485,32 @@ def align(
     batcher = TextBatcher(processor.tokenizer, model.audio_token_id)
     teacher_projector = _base_projector(base_dir, place.device) if recipe.kd_teacher == "base" else None
 
-    def teacher_logits(x: torch.Tensor, lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    def teacher_logits(x: torch.Tensor, lengths: torch.Tensor, texts: list[str], per_row: list[int]) -> torch.Tensor:
         with torch.no_grad(), adapters_off(adapters):
             if recipe.kd_teacher == "text":
                 return model.labelled_logits(audio_embeds=[], **_on(batcher.text_teacher(texts), place.device))[0]
             audio = model.project(x, lengths, projector=teacher_projector)
-            return model.labelled_logits(audio_embeds=audio, **_on(batcher(texts, [a.shape[0] for a in audio]), place.device))[0]
+            batch = batcher(texts, _grouped([a.shape[0] for a in audio], per_row))
+            return model.labelled_logits(audio_embeds=audio, **_on(batch, place.device))[0]
 
-    def loss_for(frames: list[torch.Tensor], texts: list[str], train_mode: bool) -> LossFn:
+    def loss_for(frames: list, texts: list[str], train_mode: bool) -> LossFn:
         def loss_on(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            x, lengths = pad_frames([frames[i] for i in idx])
+            items = [_items(frames[i]) for i in idx]  # a clip, or a stream's chunks
+            x, lengths = pad_frames([f for row in items for f in row])
             x = x.to(place.device, torch.float32)
-            audio = model.project(x, lengths, run=run if train_mode else None)
-            rows = [texts[i] for i in idx]
-            batch = _on(batcher(rows, [a.shape[0] for a in audio]), place.device)
+            audio = model.project(x, lengths, run=run if train_mode else None)  # per item, in prompt order
+            rows, per_row = [texts[i] for i in idx], [len(row) for row in items]
+            batch = _on(batcher(rows, _grouped([a.shape[0] for a in audio], per_row)), place.device)
             logits, target = model.labelled_logits(audio_embeds=audio, **batch)
             total = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
             if train_mode and recipe.kd_teacher != "none" and recipe.kd_weight > 0:
-                teacher = teacher_logits(x, lengths, rows)
+                teacher = teacher_logits(x, lengths, rows, per_row)
                 total = total + recipe.kd_weight * kd_loss(logits, teacher, recipe.kd_temperature)
             return total, torch.tensor(target.numel(), device=target.device)
 
         return loss_on
 
-    n_tokens = proj.output_lengths(torch.tensor([f.shape[0] for f in train[0]])).tolist()
+    n_tokens = [proj.output_lengths(torch.tensor([f.shape[0] for f in _items(r)])).tolist() for r in train[0]]
     lengths = batcher.lengths(train[1], n_tokens)
     result, best = fit(
         model, trained, loss_for(*train, train_mode=True),
@@ -497,6 +521,16 @@ def align(
     result["trainable_params"] = sum(p.numel() for p in trained.parameters())
     result["recipe"] = recipe.__dict__ | {"lora_targets": list(recipe.lora_targets)}
     return result
+
+
+def _items(entry: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    """A cached row's audio items: [frames] for a clip, its chunks' frames for a stream."""
+    return list(entry) if isinstance(entry, (list, tuple)) else [entry]
+
+
+def _grouped(counts: list[int], per_row: list[int]) -> list[list[int]]:
+    ends = np.cumsum([0, *per_row]).tolist()
+    return [counts[a:b] for a, b in zip(ends[:-1], ends[1:], strict=True)]
 
 
 def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
