@@ -24,6 +24,7 @@ APPS = {  # module -> its config in conf/apps/
     "experiments.benchmarks.cost_split": "cost_split",
     "experiments.serving.client": "client",
     "experiments.serving.long_form": "long_form",
+    "experiments.serving.streaming": "streaming",
 }
 
 
@@ -61,7 +62,10 @@ def test_app_config_composes(config):
     (["experiments.benchmarks.fork", "rounds=2"], "at least 5 alternating rounds"),
     (["experiments.serving.long_form", "strategy=bogus"], "expected segments (cut at pauses) or whole"),
     (["experiments.serving.long_form"], "give audio files (files=[a.wav,b.wav]), or demo=true"),
-    (["experiments.serving.client", "mode=bogus"], "expected single (one request) or simulation"),
+    (["experiments.serving.client", "mode=bogus"], "expected single (one request), simulation (a load run) or realtime"),
+    (["experiments.serving.client", "mode=realtime"], "mode=realtime needs manifest=FILE"),
+    (["experiments.serving.streaming"], "give audio files (files=[a.wav]), or demo=true"),
+    (["experiments.serving.streaming", "files=[a.wav]", "stream.chunk_s=0.01"], "stream.chunk_s=0.01"),
     (["experiments.benchmarks.serving", "checkpoint=/nope", "compare=[nope]"], "unknown serve configs ['nope']"),
     (["experiments.benchmarks.cost_split", "models=[nope]"], "no conf/model/nope.yaml; choose from"),
 ])

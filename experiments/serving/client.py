@@ -277,6 +277,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.mode not in ("single", "simulation", "realtime"):
         raise SystemExit(f"mode={cfg.mode}: expected single (one request), simulation (a load run) "
                          "or realtime (clips streamed chunk by chunk)")
+    if cfg.mode == "realtime" and not cfg.manifest:
+        raise SystemExit("mode=realtime needs manifest=FILE (JSONL rows with audio_filepath and text)")
 
     async def go() -> None:
         model = await served_model(cfg.base_url)
@@ -290,8 +292,6 @@ def main(cfg: DictConfig) -> None:
         if cfg.mode == "realtime":
             from experiments.serving.streaming import StreamSettings
 
-            if not cfg.manifest:
-                raise SystemExit("mode=realtime needs manifest=FILE (JSONL rows with audio_filepath and text)")
             rows = [json.loads(line) for line in open(cfg.manifest) if line.strip()][: cfg.requests]
             result = await realtime(cfg.base_url, model, rows, StreamSettings(**cfg.stream), cfg.concurrency)
             print(json.dumps(result["summary"], indent=1))

@@ -53,6 +53,14 @@ class StreamSettings:
     partial_tokens: int = 16  # new tokens an update may decode
     final_tokens_per_s: int = 16  # the final transcript's budget per second of audio (min 32)
 
+    def __post_init__(self) -> None:
+        if self.chunk_s < 0.1 or self.max_chunks < 1 or self.unstable_words < 0 or self.partial_tokens < 1:
+            raise ValueError(
+                f"stream.chunk_s={self.chunk_s}, max_chunks={self.max_chunks}, unstable_words={self.unstable_words}, "
+                f"partial_tokens={self.partial_tokens}: expected chunk_s >= 0.1 s, max_chunks >= 1, "
+                "unstable_words >= 0, partial_tokens >= 1"
+            )
+
     @property
     def chunk(self) -> int:
         return int(round(self.chunk_s * SAMPLE_RATE))
@@ -366,6 +374,8 @@ def main(cfg: DictConfig) -> None:
     from experiments.serving.long_form import engine_len
 
     settings = StreamSettings(**cfg.stream)
+    if not cfg.demo and not cfg.files:
+        raise SystemExit("give audio files (files=[a.wav]), or demo=true")
     model = Path(cfg.model) if cfg.model else prepare.default_base()[0]
     if cfg.demo:
         manifests = prepare.default_base()[1]
@@ -381,8 +391,6 @@ def main(cfg: DictConfig) -> None:
         print("last update vs whole audio re-sent:", json.dumps(r["per_update_vs_whole"]))
         print(f"-> {cfg.out_dir}/streaming.json, streaming.png")
         return
-    if not cfg.files:
-        raise SystemExit("give audio files (files=[a.wav]), or demo=true")
     llm = make_llm(model, max_model_len=engine_len(model), **streaming_engine_args(settings))
     try:
         st = StreamingTranscriber(llm, settings)
