@@ -20,8 +20,9 @@ class AudioError(ValueError):
     """An audio input that cannot be used; the message says why and what to do."""
 
 
-def to_model_audio(samples: np.ndarray, sample_rate: int, source: str = "audio") -> np.ndarray:
-    """(T,) or (T, C) / (C, T) samples at any rate -> (T',) float32 mono at 16 kHz."""
+def to_model_audio(samples: np.ndarray, sample_rate: int, source: str = "audio", min_seconds: float = MIN_SECONDS) -> np.ndarray:
+    """(T,) or (T, C) / (C, T) samples at any rate -> (T',) float32 mono at 16 kHz, at least
+    `min_seconds` long (0 for a stream's chunks, which only the whole stream must reach)."""
     x = np.asarray(samples, dtype=np.float32)
     if x.ndim == 2:  # downmix: channels are the short axis
         x = x.mean(axis=1 if x.shape[0] >= x.shape[1] else 0)
@@ -35,9 +36,9 @@ def to_model_audio(samples: np.ndarray, sample_rate: int, source: str = "audio")
         import librosa
 
         x = librosa.resample(x, orig_sr=sample_rate, target_sr=SAMPLE_RATE).astype(np.float32)
-    if x.size < MIN_SECONDS * SAMPLE_RATE:
+    if x.size < min_seconds * SAMPLE_RATE:
         raise AudioError(
-            f"{source}: {x.size / SAMPLE_RATE:.3f} s is too short; the model needs at least {MIN_SECONDS} s"
+            f"{source}: {x.size / SAMPLE_RATE:.3f} s is too short; the model needs at least {min_seconds} s"
         )
     return x
 

@@ -175,9 +175,9 @@ async def stream_clip(client, model: str, audio, settings, prompt: str = TRANSCR
     from experiments.serving.streaming import (
         AudioStream,
         Update,
-        answer_prefix,
         in_chunks,
         joined,
+        next_request,
         wav_bytes,
     )
 
@@ -188,14 +188,13 @@ async def stream_clip(client, model: str, audio, settings, prompt: str = TRANSCR
         text = updates[-1].text if updates else ""
         urls.extend(f"data:audio/wav;base64,{base64.b64encode(wav_bytes(p)).decode()}" for p in stream.pieces[len(urls):])
         await asyncio.sleep(max(0.0, arrived - time.perf_counter()))
-        prefix = "" if stream.ended else answer_prefix(text, settings.unstable_words)
+        prefix, budget = next_request(stream, text)
         msgs = [{"role": "user", "content": [*({"type": "audio_url", "audio_url": {"url": u}} for u in urls),
                                             {"type": "text", "text": prompt}]}]
         extra = {}
         if prefix:  # the stable words start the answer (offline: chat_prompt's answer_prefix)
             msgs.append({"role": "assistant", "content": prefix})
             extra = {"continue_final_message": True, "add_generation_prompt": False}
-        budget = max(32, int(settings.final_tokens_per_s * stream.seconds + 0.5)) if stream.ended else settings.partial_tokens
         for attempt in range(retries + 1):
             try:
                 r = await client.chat.completions.create(model=model, messages=msgs, max_tokens=budget, temperature=0, extra_body=extra)

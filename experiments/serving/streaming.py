@@ -38,7 +38,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from experiments.data.audio import MIN_SECONDS, SAMPLE_RATE, AudioError, load_audio
+from experiments.data.audio import MIN_SECONDS, SAMPLE_RATE, AudioError, load_audio, to_model_audio
 from qwen2_audio_vllm import windows
 
 # On CPU the KV block size must be a multiple of 32 (PLATFORM.md); prefix hits come in blocks.
@@ -93,7 +93,7 @@ class AudioStream:
                 f"a chunk at {sample_rate} Hz in a stream that started at {self.sample_rate} Hz; "
                 "send every chunk of a stream at one sample rate (or start a new stream)"
             )
-        x = self._to_16k(samples, sample_rate)
+        x = to_model_audio(samples, sample_rate, "chunk", min_seconds=0.0)
         self.sample_rate = sample_rate
         buffer = np.concatenate([self._buffer, x])
         pieces = windows.chunks(buffer, self.settings.chunk)
@@ -117,19 +117,6 @@ class AudioStream:
         if not self.pieces:
             raise AudioError("the stream ended without any audio; send at least one chunk")
         self.ended = True
-
-    @staticmethod
-    def _to_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-        x = np.asarray(samples, dtype=np.float32)
-        if x.ndim == 2:  # channels are the short axis (to_model_audio's rule)
-            x = x.mean(axis=1 if x.shape[0] >= x.shape[1] else 0)
-        if x.ndim != 1 or not np.isfinite(x).all():
-            raise AudioError(f"a chunk must be finite mono or multi-channel samples, got shape {x.shape}")
-        if sample_rate == SAMPLE_RATE:
-            return x
-        import librosa
-
-        return librosa.resample(x, orig_sr=sample_rate, target_sr=SAMPLE_RATE).astype(np.float32)
 
 
 @dataclass
@@ -155,6 +142,17 @@ def answer_prefix(previous: str, unstable_words: int) -> str:
     """The words of the previous partial an update keeps: all but the last `unstable_words`."""
     words = previous.split()
     return " ".join(words[: max(0, len(words) - unstable_words)])
+
+
+def next_request(stream: AudioStream, previous: str) -> tuple[str, int]:
+    """(answer prefix, max new tokens) of the update of `stream` after the partial
+    `previous`: the stable words and `partial_tokens` for a partial; nothing and the final
+    budget once the stream has ended. The offline transcriber and the realtime client both
+    ask this, so their prompts stay the same."""
+    s = stream.settings
+    if stream.ended:
+        return "", max(32, int(s.final_tokens_per_s * stream.seconds + 0.5))
+    return answer_prefix(previous, s.unstable_words), s.partial_tokens
 
 
 def joined(prefix: str, continuation: str) -> str:
@@ -197,8 +195,7 @@ class StreamingTranscriber:
 
         arrived = time.perf_counter() if arrived is None else arrived
         final = stream.ended
-        prefix = "" if final else answer_prefix(previous, self.settings.unstable_words)
-        budget = max(32, int(self.settings.final_tokens_per_s * stream.seconds + 0.5)) if final else self.settings.partial_tokens
+        prefix, budget = next_request(stream, previous)
         prompt = chat_prompt(self.tokenizer, n_audios=len(stream.pieces), answer_prefix=prefix)
         (out,) = self.llm.generate([audio_request(prompt, list(stream.pieces))],
                                    SamplingParams(max_tokens=budget, temperature=0), use_tqdm=False)
