@@ -48,6 +48,15 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den > 0 else math.nan
 
 
+def _resamples(n: int, n_boot: int, seed: int) -> list[np.ndarray]:
+    """`n_boot` resamples of n utterance indices, in blocks of at most _BOOT_CHUNK indices."""
+    if not n:
+        return []
+    rng = np.random.default_rng(seed)
+    block = max(1, _BOOT_CHUNK // n)
+    return [rng.integers(0, n, size=(min(block, n_boot - s), n)) for s in range(0, n_boot, block)]
+
+
 def _bootstrap_ci(
     errors: np.ndarray, ref_len: np.ndarray, idx_blocks: list[np.ndarray]
 ) -> tuple[float, float]:
@@ -86,13 +95,7 @@ def wer_cer(
     ]
     n = len(pairs)
     result: dict[str, float | int] = {"n_utts": n, "n_failed": len(refs) - n}
-    rng = np.random.default_rng(seed)
-    block = max(1, _BOOT_CHUNK // max(n, 1))
-    idx_blocks = (
-        [rng.integers(0, n, size=(min(block, n_boot - s), n)) for s in range(0, n_boot, block)]
-        if n
-        else []
-    )
+    idx_blocks = _resamples(n, n_boot, seed)
     for name, process in (("wer", jiwer.process_words), ("cer", jiwer.process_characters)):
         if n:
             errors, ref_len = _edit_counts(process([r for r, _ in pairs], [h for _, h in pairs]))
@@ -103,6 +106,31 @@ def wer_cer(
             errors, ref_len, idx_blocks
         )
     return result
+
+
+def wer_difference(
+    refs: list[str], hyps_a: list[str], hyps_b: list[str], n_boot: int = 1000, seed: int = 0
+) -> dict[str, float | int]:
+    """Corpus WER of `hyps_a` minus that of `hyps_b` on the same references (a fraction), with
+    a 95% paired bootstrap interval: each resample draws utterances once for both, so the
+    interval is that of the difference, much narrower than the two WERs' own intervals."""
+    if not len(refs) == len(hyps_a) == len(hyps_b) or not refs:
+        raise ValueError(
+            f"wer_difference: {len(refs)} references, {len(hyps_a)} and {len(hyps_b)} hypotheses; "
+            "pass one hypothesis of each system per reference (at least one)"
+        )
+    refs_n = [normalize_text(r) for r in refs]
+    (err_a, ref_len), (err_b, _) = (
+        _edit_counts(jiwer.process_words(refs_n, [normalize_text(h) for h in hyps])) for hyps in (hyps_a, hyps_b)
+    )
+    diffs = []
+    for idx in _resamples(len(refs), n_boot, seed):
+        den = ref_len[idx].sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            diffs.append(np.where(den > 0, (err_a[idx].sum(axis=1) - err_b[idx].sum(axis=1)) / den, np.nan))
+    low, high = np.nanpercentile(np.concatenate(diffs), [2.5, 97.5])
+    return {"n_utts": len(refs), "wer_delta": _ratio(err_a.sum() - err_b.sum(), ref_len.sum()),
+            "wer_delta_ci_low": float(low), "wer_delta_ci_high": float(high)}
 
 
 def percentiles(values: list[float] | np.ndarray) -> dict[str, float | None]:

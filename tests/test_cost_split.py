@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.benchmarks.cost_split import flops, flops_split, measured_split, model_dims
+from experiments.benchmarks.cost_split import (
+    flops,
+    flops_split,
+    llm_flops,
+    measured_split,
+    model_dims,
+)
 
 
 def test_flops_of_the_7b_dims():
@@ -37,3 +43,12 @@ def test_measured_split_on_the_twin():
         assert 0 < m["llm_share_min"] <= m["llm_share"] <= m["llm_share_max"] < 1
         assert m["encoder_ms"] > 0 and m["llm_ms"] > 0
     assert r["4s"]["encoder_ms"] > r["1s"]["encoder_ms"]  # real frames only: longer clips cost more
+
+
+def test_a_cached_prefix_is_the_work_it_saves():
+    """A request whose first c tokens hit the prefix cache costs the full request's LLM FLOPs
+    minus those of prefilling the c tokens alone: the split conserves work."""
+    d = model_dims("tiny")
+    whole = llm_flops(d, prefill=400, generated=30)
+    assert llm_flops(d, prefill=80, generated=30, cached=320) + llm_flops(d, prefill=320, generated=0) == pytest.approx(whole)
+    assert llm_flops(d, prefill=80, generated=30, cached=320) < whole / 3

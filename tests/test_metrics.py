@@ -9,6 +9,7 @@ from experiments.metrics import (
     percentiles,
     summarize,
     wer_cer,
+    wer_difference,
 )
 
 
@@ -108,3 +109,20 @@ def test_format_table_one_column_per_run():
     assert cells[4] == ["latency_p50_s", "1.500", "1.500"]
     assert cells[5] == ["error", "-", "-"]  # missing key
     assert len(format_table({"x": a}).splitlines()) == 2 + len(a)
+
+
+def test_wer_difference_is_paired():
+    """Two systems wrong on mostly the same utterances: the paired interval of their
+    difference is much narrower than either WER's own interval. A system against itself
+    differs by exactly zero."""
+    refs = [f"the {w} sat on the mat today" for w in ("cat", "dog", "hen", "cow", "fox", "owl")] * 10
+    a = [r.replace("mat", "hat").replace("sat", "set") if i % 3 else r for i, r in enumerate(refs)]
+    b = [h.replace("today", "") if i % 4 == 1 else h for i, h in enumerate(a)]  # a's errors and a few more
+    d = wer_difference(refs, b, a)
+    assert d["wer_delta"] == pytest.approx(wer_cer(refs, b)["wer"] - wer_cer(refs, a)["wer"]) and d["wer_delta"] > 0
+    assert d["wer_delta_ci_low"] < d["wer_delta"] < d["wer_delta_ci_high"]
+    assert d["wer_delta_ci_high"] - d["wer_delta_ci_low"] < 0.5 * (wer_cer(refs, b)["wer_ci_high"] - wer_cer(refs, b)["wer_ci_low"])
+    same = wer_difference(refs, a, a)
+    assert same["wer_delta"] == same["wer_delta_ci_low"] == same["wer_delta_ci_high"] == 0.0
+    with pytest.raises(ValueError, match="one hypothesis of each system"):
+        wer_difference(refs, a, b[:-1])

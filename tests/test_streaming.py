@@ -76,10 +76,10 @@ def test_answer_prefix_keeps_all_but_the_unstable_words():
 def test_streaming_reuses_the_prefix_cache_and_decodes_as_the_twin(speech_clips, tiny_base):
     """Through vLLM: (1) from the 2nd update on, the prefix cache covers all but the new
     chunk, the instruction and the answer prefix (whole blocks of the previous prompt), as
-    vLLM's own counters say; (2) the final transcript equals the HF twin's greedy decoding
+    vLLM's own counters say, and the encoder runs on the new chunk only; (2) the final transcript equals the HF twin's greedy decoding
     of the same chunked layout; (3) a stream whose source breaks keeps its partials, marked
     not final, and leaves nothing behind: the next stream's updates equal a fresh engine's."""
-    from experiments.serving.engine import chat_prompt, close_llm, make_llm
+    from experiments.serving.engine import EncoderProbe, chat_prompt, close_llm, make_llm
     from experiments.serving.streaming import (
         BLOCK_SIZE,
         StreamingTranscriber,
@@ -100,7 +100,9 @@ def test_streaming_reuses_the_prefix_cache_and_decodes_as_the_twin(speech_clips,
     try:
         st = StreamingTranscriber(llm, settings)
         tok = st.tokenizer
+        llm.apply_model(EncoderProbe())  # installs the probe
         updates = st.run(chunks)
+        (encoder_calls,) = llm.apply_model(EncoderProbe())
         counters = {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:prefix_cache")}
         cut = st.run(broken())
         again = st.run(chunks)
@@ -125,6 +127,10 @@ def test_streaming_reuses_the_prefix_cache_and_decodes_as_the_twin(speech_clips,
         assert updates[j].cached_tokens % BLOCK_SIZE == 0
         assert shared - BLOCK_SIZE < updates[j].cached_tokens <= before.prompt_tokens
     assert counters["vllm:prefix_cache_hits"] >= sum(u.cached_tokens for u in updates) > 0
+    # the encoder ran once per chunk, one chunk a call: earlier chunks were never encoded again
+    # (inside the cached prefix, or in vLLM's encoder cache when the hit ends within them)
+    assert [items for items, _ in encoder_calls] == [1] * len(chunks)
+    assert max(positions for _, positions in encoder_calls) <= settings.chunk // 320 + 1
 
     model, processor = load_model(tiny_base), load_processor(tiny_base)
     pieces = [c for c, _ in chunks]
@@ -224,3 +230,39 @@ def test_chunked_cache_and_align_use_the_stream_layout(speech_clips, tiny_base, 
     untrained, trained = aligned(0.0, "lr0"), aligned(5e-3, "out")  # lr 0: the dev loss of the base's projector
     assert trained["recipe"]["chunk_s"] == 0.5 and trained["best_dev_loss"] < untrained["best_dev_loss"] - 0.05
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.engine
+def test_demo_sets_each_update_against_the_whole_audio_resent(speech_clips, tiny_base, tmp_path):
+    """streaming_eval through vLLM: per second of audio, the whole re-send finds nothing
+    cached and sends the very prompt a one-chunk stream sends at 1 s; the update prefills
+    and computes less than the re-send from the 2nd second on; the WER difference is the
+    difference of the WERs; the JSON and the plot are written."""
+    import json
+
+    from experiments.serving.streaming import format_report, streaming_eval
+
+    rows = [{"audio_filepath": str(p), "text": t} for p, _, t in speech_clips]
+    settings = StreamSettings(chunk_s=1.0, max_chunks=8, partial_tokens=6, final_tokens_per_s=8)
+    r = streaming_eval(tiny_base, rows, settings, long_clips=2, long_s=5.0, rounds=2, out_dir=tmp_path)
+
+    assert json.loads((tmp_path / "streaming.json").read_text())["per_second"]["at_s"] == 5
+    assert (tmp_path / "streaming.png").stat().st_size > 0
+    assert sorted({w["clip"] for w in r["whole_resend"]}) == [0, 1]
+    assert all(w["cached_tokens"] == 0 and w["prefill_tokens"] == w["prompt_tokens"] for w in r["whole_resend"])
+    for clip in (0, 1):
+        ups = [u for u in r["updates"] if u["clip"] == clip and not u["final"]]
+        resent = [w for w in r["whole_resend"] if w["clip"] == clip]
+        assert [round(u["audio_s"]) for u in ups] == [round(w["audio_s"]) for w in resent] == [1, 2, 3, 4, 5]
+        assert ups[0]["prompt_tokens"] == resent[0]["prompt_tokens"]  # one chunk: the same prompt
+        for u, w in list(zip(ups, resent, strict=True))[1:]:
+            assert u["prefill_tokens"] < w["prefill_tokens"] and u["flops"] < w["flops"]
+    ps = r["per_second"]
+    assert ps["flops_ratio"]["min"] > 1 and ps["prefill_ratio"]["min"] > 1
+    for name in ("streamed", "whole"):
+        slope = ps[f"latency_slope_{name}"]
+        assert slope["ci_low"] <= slope["ms_per_s"] <= slope["ci_high"] and slope["clips"] == 2
+    w = r["clean_wer"]
+    assert w["streamed_minus_whole"]["wer_delta"] == pytest.approx(w["streamed"]["wer"] - w["whole"]["wer"])
+    assert r["per_update_vs_whole"]["audio_s"] == 5.0 and r["per_update_vs_whole"]["flops_ratio"] > 1
+    assert "streamed - whole" in format_report(json.loads(json.dumps(r)))

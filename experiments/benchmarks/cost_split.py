@@ -38,18 +38,32 @@ POSITIONS_PER_S = 50  # encoder positions after the stride-2 convolution
 TOKENS_PER_S = 25  # audio tokens after Qwen2-Audio's 2x pooling (linear projector, stack 1)
 
 
+def encoder_flops(d: TinySpec, positions: int) -> float:
+    """Forward FLOPs of the encoder over one item of `positions` positions (50 a second of
+    real frames as the fork serves it; the window's 1500 as upstream vLLM does)."""
+    conv = 2 * 3 * d.n_mels * d.encoder_dim * 2 * positions + 2 * 3 * d.encoder_dim**2 * positions
+    layers = d.encoder_layers * (2 * (4 * d.encoder_dim**2 + 2 * d.encoder_dim * d.encoder_ffn) * positions
+                                 + 4 * positions**2 * d.encoder_dim)
+    return float(conv + layers)
+
+
+def llm_flops(d: TinySpec, prefill: int, generated: int, cached: int = 0) -> float:
+    """Forward FLOPs of the LLM computing `prefill` prompt tokens after `cached` ones whose KV
+    it already holds, then `generated` tokens: the body at every computed token, the LM head
+    at each generated one, attention as 4 L d (end^2 - cached^2) (QK and AV over the square)."""
+    body = llm_params(d) - 2 * d.vocab_size * d.text_dim  # without the embedding table and the LM head
+    end = cached + prefill + generated
+    return float(2 * body * (prefill + generated) + 2 * d.vocab_size * d.text_dim * generated
+                 + 4 * d.text_layers * (end**2 - cached**2) * d.text_dim)
+
+
 def flops(d: TinySpec, clip_s: float, text_tokens_per_s: float, padded: bool) -> dict[str, float]:
     """FLOPs of one request (forward only): encoder over the clip (or the 30 s window when
     `padded`), LLM prefill + decode. Multiply-add = 2 FLOPs."""
     positions = d.chunk_length * POSITIONS_PER_S if padded else round(clip_s * POSITIONS_PER_S)
-    conv = 2 * 3 * d.n_mels * d.encoder_dim * 2 * positions + 2 * 3 * d.encoder_dim**2 * positions
-    layers = d.encoder_layers * (2 * (4 * d.encoder_dim**2 + 2 * d.encoder_dim * d.encoder_ffn) * positions
-                                 + 4 * positions**2 * d.encoder_dim)
     generated = max(1, round(clip_s * text_tokens_per_s)) + 1  # + <|im_end|>
-    tokens = PROMPT_TOKENS + round(clip_s * TOKENS_PER_S) + generated
-    body = llm_params(d) - 2 * d.vocab_size * d.text_dim  # without the embedding table and the LM head
-    llm = 2 * body * tokens + 2 * d.vocab_size * d.text_dim * generated + 4 * d.text_layers * tokens**2 * d.text_dim
-    return {"encoder": float(conv + layers), "llm": float(llm)}
+    prefill = PROMPT_TOKENS + round(clip_s * TOKENS_PER_S)
+    return {"encoder": encoder_flops(d, positions), "llm": llm_flops(d, prefill, generated)}
 
 
 def flops_split(d: TinySpec, lengths_s: list[float], text_tokens_per_s: float) -> dict[str, dict]:

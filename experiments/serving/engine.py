@@ -148,6 +148,29 @@ class EmbedAudio:
         return [e.float().cpu() for e in emb]
 
 
+class EncoderProbe:
+    """`llm.apply_model(EncoderProbe())` -> [the (items, real encoder positions) of every
+    audio-encoder call since the previous probe]: what the engine actually encoded, e.g. to
+    check that a streamed update encodes only its new chunk. The first call installs a
+    forward hook on the audio tower and returns []. Same VLLM_ALLOW_INSECURE_SERIALIZATION
+    requirement as EmbedAudio."""
+
+    def __call__(self, model) -> list[tuple[int, int]]:
+        tower = model.audio_tower
+        if not hasattr(tower, "encoder_calls"):
+            tower.encoder_calls = []
+
+            def record(_module, args, kwargs, _out) -> None:
+                features, mask = args[0], kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+                width = (features.shape[-1] - 1) // 2 + 1  # positions after the stride-2 conv
+                real = int((mask[:, 0, 0, :] == 0).sum()) if mask is not None else features.shape[0] * width
+                tower.encoder_calls.append((features.shape[0], real))
+
+            tower.register_forward_hook(record, with_kwargs=True)
+        calls, tower.encoder_calls[:] = list(tower.encoder_calls), []
+        return calls
+
+
 class EmbedModality:
     """`llm.apply_model(EmbedModality("m1", rows))` -> [the engine model's embeddings of an
     extra modality's items (modalities.py), one (n_i', d_text) tensor per item]. Same

@@ -248,24 +248,50 @@ class StreamingReport:
     settings: dict
     clean_wer: dict = field(default_factory=dict)  # final streamed vs whole-utterance, held-out voices
     updates: list[dict] = field(default_factory=list)  # long clips: every update's cost
+    whole_resend: list[dict] = field(default_factory=list)  # long clips: the audio so far re-sent whole, each second
+    per_second: dict = field(default_factory=dict)  # both of those side by side, slopes, compute ratio
     per_update_vs_whole: dict = field(default_factory=dict)  # alternating rounds at the last second
+
+
+def model_dims_of(ckpt: Path):
+    """The dims (cost_split's TinySpec) of the checkpoint at `ckpt`."""
+    from transformers import AutoConfig
+
+    from experiments.benchmarks.training import dims_of
+
+    return dims_of(AutoConfig.from_pretrained(ckpt))
+
+
+def request_flops(dims, encoded_s: float, prompt_tokens: int, cached_tokens: int, new_tokens: int) -> float:
+    """Forward FLOPs of one request: the encoder over the `encoded_s` seconds of audio it
+    encodes (one piece), the LLM over the prompt tokens vLLM did not find cached, then its
+    decoding (experiments/benchmarks/cost_split.py's arithmetic). For an update, `encoded_s`
+    is the new chunk only: earlier chunks are either inside the cached prefix or in vLLM's
+    encoder cache, which keeps outputs by item hash across requests until it needs the room."""
+    from experiments.benchmarks.cost_split import POSITIONS_PER_S, encoder_flops, llm_flops
+
+    encoder = encoder_flops(dims, round(encoded_s * POSITIONS_PER_S)) if encoded_s > 0 else 0.0
+    return encoder + llm_flops(dims, prompt_tokens - cached_tokens, new_tokens, cached_tokens)
 
 
 def streaming_eval(ckpt: Path, rows: list[dict], settings: StreamSettings, long_clips: int, long_s: float,
                    rounds: int, out_dir: Path) -> dict:
-    """(1) WER of the final streamed transcript vs one whole-utterance request, on `rows`;
-    (2) every update of `long_clips` clips of `long_s` seconds (test utterances joined by
-    pauses); (3) at the last update of one long clip, the streamed update (prefix cache warm
-    from the update before) vs re-sending the whole audio as one item with the prefix cache
-    emptied, in `rounds` alternating rounds. Writes streaming.json and streaming.png."""
+    """(1) WER of the final streamed transcript vs one whole-utterance request, on `rows`, and
+    their paired difference; (2) every update of `long_clips` clips of `long_s` seconds (test
+    utterances joined by pauses), and the same audio so far re-sent whole each second with
+    the prefix cache emptied: latency, prefill tokens and FLOPs per second of audio; (3) at
+    the last partial update of one long clip, the streamed update (prefix cache warm from the
+    update before) vs the whole re-send, in `rounds` alternating rounds. Writes
+    streaming.json and streaming.png."""
     from vllm import SamplingParams
 
-    from experiments.metrics import wer_cer
+    from experiments.metrics import wer_cer, wer_difference
     from experiments.report import write_json_atomic
     from experiments.serving.engine import audio_request, chat_prompt, close_llm, make_llm
     from experiments.serving.long_form import demo_clips, engine_len
 
     report = StreamingReport(asdict(settings))
+    dims = model_dims_of(ckpt)
     llm = make_llm(ckpt, max_model_len=engine_len(ckpt), **streaming_engine_args(settings))
     try:
         st = StreamingTranscriber(llm, settings)
@@ -276,92 +302,198 @@ def streaming_eval(ckpt: Path, rows: list[dict], settings: StreamSettings, long_
         whole = [o.outputs[0].text.strip() for o in llm.generate([audio_request(prompt, a) for a in audios],
                                                                    SamplingParams(max_tokens=32, temperature=0), use_tqdm=False)]
         report.clean_wer = {"n_utts": len(rows), "streamed": wer_cer(refs, streamed), "whole": wer_cer(refs, whole),
+                            "streamed_minus_whole": wer_difference(refs, streamed, whole),
                             "examples": [{"ref": r, "streamed": s, "whole": w} for r, s, w in list(zip(refs, streamed, whole, strict=True))[:5]]}
         clips = [a for a, _ in demo_clips(rows, long_s, long_clips, seed=1)]
         for i, clip in enumerate(clips):
-            report.updates += [dict(asdict(u), clip=i, prefill_tokens=u.prefill_tokens) for u in st.run(in_chunks(clip, settings.chunk_s))]
-        report.per_update_vs_whole = last_update_vs_whole(st, clips[0], rounds)
+            updates = st.run(in_chunks(clip, settings.chunk_s))
+            seen = 0.0
+            for u in updates:
+                report.updates.append(dict(asdict(u), clip=i, prefill_tokens=u.prefill_tokens,
+                                           flops=request_flops(dims, u.audio_s - seen, u.prompt_tokens, u.cached_tokens, u.new_tokens)))
+                seen = u.audio_s
+            report.whole_resend += [dict(r, clip=i) for r in whole_resend(st, clip, dims)]
+        report.per_second = per_second(report.updates, report.whole_resend, long_s)
+        report.per_update_vs_whole = last_update_vs_whole(st, clips[0], rounds, dims)
     finally:
         close_llm(llm)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = asdict(report)
     write_json_atomic(out_dir / "streaming.json", result)
-    plot_updates(report.updates, out_dir / "streaming.png")
+    plot_updates(report.per_second, out_dir / "streaming.png")
     return result
 
 
-def last_update_vs_whole(st: StreamingTranscriber, clip: np.ndarray, rounds: int) -> dict:
-    """The last partial update of `clip` (the prefix cache holding the update before it)
-    against the same audio re-sent as one whole item with the prefix cache emptied: latency
-    and prefill tokens, A B A B ... `rounds` each; median and min-max of the per-round ratio."""
+def resend_whole(st: StreamingTranscriber, audio: np.ndarray, dims) -> dict:
+    """`audio` as one item with the prefix cache emptied, decoded to the end of the transcript
+    (the final's budget): what a caller without streaming pays for a transcript of the audio
+    so far."""
     from vllm import SamplingParams
 
     from experiments.serving.engine import audio_request, chat_prompt
 
+    seconds = len(audio) / SAMPLE_RATE
+    budget = max(32, int(st.settings.final_tokens_per_s * seconds + 0.5))
+    st.llm.reset_prefix_cache()
+    t0 = time.perf_counter()
+    (out,) = st.llm.generate([audio_request(chat_prompt(st.tokenizer), audio)],
+                             SamplingParams(max_tokens=budget, temperature=0), use_tqdm=False)
+    latency = time.perf_counter() - t0
+    prompt, cached, new = len(out.prompt_token_ids), int(out.num_cached_tokens or 0), len(out.outputs[0].token_ids)
+    return {"audio_s": seconds, "latency_s": latency, "prompt_tokens": prompt, "cached_tokens": cached,
+            "prefill_tokens": prompt - cached, "new_tokens": new, "text": out.outputs[0].text.strip(),
+            "flops": request_flops(dims, seconds, prompt, cached, new)}
+
+
+def whole_resend(st: StreamingTranscriber, clip: np.ndarray, dims) -> list[dict]:
+    """The clip's first 1, 2, ... chunks re-sent whole, one request each (`resend_whole`)."""
+    pieces = [p for p, _ in in_chunks(clip, st.settings.chunk_s)]
+    return [resend_whole(st, np.concatenate(pieces[:k]), dims) for k in range(1, len(pieces) + 1)]
+
+
+def _median_range(values: list[float]) -> dict:
+    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
+
+
+def latency_slope(points: list[tuple[int, float, float]], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Least-squares slope of latency (ms) on seconds of audio, from (clip, seconds, latency_s)
+    points, with a 95% interval from resampling whole clips."""
+    clips = sorted({c for c, _, _ in points})
+    by_clip = {c: [(x, y * 1000) for cc, x, y in points if cc == c] for c in clips}
+
+    def slope(sample: list) -> float:
+        xs, ys = zip(*[p for c in sample for p in by_clip[c]], strict=True)
+        return float(np.polyfit(xs, ys, 1)[0]) if len(set(xs)) > 1 else 0.0
+
+    rng = np.random.default_rng(seed)
+    boots = [slope(list(rng.choice(clips, size=len(clips)))) for _ in range(n_boot)]
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return {"ms_per_s": slope(clips), "ci_low": float(low), "ci_high": float(high), "clips": len(clips)}
+
+
+def per_second(updates: list[dict], resent: list[dict], long_s: float) -> dict:
+    """Streamed partial updates and whole re-sends side by side per second of audio (median
+    and min-max over clips), the latency slopes from the 2nd second on, and at the last
+    partial second the whole re-send's FLOPs and prefill over the update's, per clip."""
+    streamed, whole = by_second(updates), by_second(resent)
+    rows = {}
+    for sec in sorted(set(streamed) & set(whole)):
+        rows[sec] = {f"{name}_{key}": _median_range([u[key] * (1000 if key == "latency_s" else 1) for u in g[sec]])
+                     for name, g in (("streamed", streamed), ("whole", whole))
+                     for key in ("latency_s", "prefill_tokens", "new_tokens", "flops")}
+    last = max(rows)
+    pairs = [(u, w) for u in streamed[last] for w in whole[last] if u["clip"] == w["clip"]]
+    return {
+        "seconds": rows,
+        "latency_slope_streamed": latency_slope([(u["clip"], u["audio_s"], u["latency_s"]) for u in updates
+                                                 if not u["final"] and 2 <= round(u["audio_s"]) <= long_s]),
+        "latency_slope_whole": latency_slope([(w["clip"], w["audio_s"], w["latency_s"]) for w in resent
+                                              if 2 <= round(w["audio_s"]) <= long_s]),
+        "at_s": last,
+        "flops_ratio": _median_range([w["flops"] / u["flops"] for u, w in pairs]),
+        "prefill_ratio": _median_range([w["prefill_tokens"] / max(u["prefill_tokens"], 1) for u, w in pairs]),
+    }
+
+
+def last_update_vs_whole(st: StreamingTranscriber, clip: np.ndarray, rounds: int, dims) -> dict:
+    """The last partial update of `clip` (the prefix cache holding the update before it)
+    against the same audio re-sent as one whole item with the prefix cache emptied and
+    decoded to its end (`resend_whole`): latency, prefill tokens and FLOPs, A B A B ...
+    `rounds` each; median and min-max of the per-round latency ratio."""
     pieces = [p for p, _ in in_chunks(clip, st.settings.chunk_s)]
     if len(pieces) < 2:
         raise ValueError("the clip must span at least two chunks")
     previous = AudioStream(st.settings)
-    for p in pieces[:-2]:
+    for p in pieces[:-1]:
         previous.push(p)
     last = AudioStream(st.settings)
-    for p in pieces[:-1]:
+    for p in pieces:
         last.push(p)
-    params = SamplingParams(max_tokens=st.settings.partial_tokens, temperature=0)
-    whole_prompt = chat_prompt(st.tokenizer)
     streamed, whole = [], []
     for _ in range(rounds):
         st.llm.reset_prefix_cache()
         before = st.update(previous)  # untimed: fills the prefix cache as the stream would have
         streamed.append(st.update(last, before.text))
-        st.llm.reset_prefix_cache()
-        t0 = time.perf_counter()
-        (out,) = st.llm.generate([audio_request(whole_prompt, np.concatenate(pieces[:-1]))], params, use_tqdm=False)
-        whole.append((time.perf_counter() - t0, len(out.prompt_token_ids) - int(out.num_cached_tokens or 0)))
-    ratios = sorted(w[0] / s.latency_s for s, w in zip(streamed, whole, strict=True))
+        whole.append(resend_whole(st, np.concatenate(pieces), dims))
+    ratios = sorted(w["latency_s"] / s.latency_s for s, w in zip(streamed, whole, strict=True))
+    s, w = streamed[0], whole[0]
+    s_flops = request_flops(dims, s.audio_s - before.audio_s, s.prompt_tokens, s.cached_tokens, s.new_tokens)
     return {
-        "audio_s": streamed[0].audio_s, "rounds": rounds,
-        "streamed_latency_s": float(np.median([s.latency_s for s in streamed])),
-        "whole_latency_s": float(np.median([w[0] for w in whole])),
+        "audio_s": s.audio_s, "rounds": rounds,
+        "streamed_latency_s": float(np.median([u.latency_s for u in streamed])),
+        "whole_latency_s": float(np.median([u["latency_s"] for u in whole])),
         "latency_ratio": float(np.median(ratios)), "latency_ratio_min": ratios[0], "latency_ratio_max": ratios[-1],
-        "streamed_prefill_tokens": streamed[0].prefill_tokens, "whole_prefill_tokens": whole[0][1],
-        "prefill_ratio": whole[0][1] / max(streamed[0].prefill_tokens, 1),
+        "streamed_prefill_tokens": s.prefill_tokens, "whole_prefill_tokens": w["prefill_tokens"],
+        "streamed_new_tokens": s.new_tokens, "whole_new_tokens": w["new_tokens"],
+        "prefill_ratio": w["prefill_tokens"] / max(s.prefill_tokens, 1),
+        "flops_ratio": w["flops"] / s_flops,
     }
 
 
 def by_second(updates: list[dict]) -> dict[int, list[dict]]:
-    """Partial updates grouped by the whole seconds of audio they cover."""
+    """Partial updates (or whole re-sends) grouped by the whole seconds of audio they cover."""
     out: dict[int, list[dict]] = {}
     for u in updates:
-        if not u["final"] and u["chunks"]:
+        if not u.get("final") and u.get("chunks", 1):
             out.setdefault(int(round(u["audio_s"])), []).append(u)
     return dict(sorted(out.items()))
 
 
-def plot_updates(updates: list[dict], path: Path) -> None:
-    """Latency (median, min-max over clips) and prefill tokens per partial update against the
-    audio it covers."""
+def plot_updates(per_sec: dict, path: Path) -> None:
+    """Per second of audio: latency, prefilled tokens and FLOPs of a streamed update against
+    re-sending the whole audio so far (median and min-max over clips)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = by_second(updates)
-    secs = list(groups)
-    lat = [[u["latency_s"] * 1000 for u in g] for g in groups.values()]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    med = [float(np.median(x)) for x in lat]
-    a.errorbar(secs, med, yerr=[[m - min(x) for m, x in zip(med, lat, strict=True)], [max(x) - m for m, x in zip(med, lat, strict=True)]],
-               marker="o", capsize=3)
-    a.set(xlabel="audio so far (s)", ylabel="chunk arrival -> partial text (ms)", title="latency per update", ylim=(0, None))
-    b.plot(secs, [np.median([u["prefill_tokens"] for u in g]) for g in groups.values()], marker="o", label="prefilled (cache miss)")
-    b.plot(secs, [np.median([u["prompt_tokens"] for u in g]) for g in groups.values()], marker="s", label="prompt (whole, no cache)")
-    b.set(xlabel="audio so far (s)", ylabel="tokens", title="prefill per update")
-    b.legend()
+    rows = per_sec["seconds"]
+    secs = [int(s) for s in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    panels = (("latency_s", "chunk arrival -> text (ms)", "latency per update", 1.0),
+              ("prefill_tokens", "tokens prefilled (cache miss)", "prefill per update", 1.0),
+              ("flops", "GFLOPs (encoder + LLM)", "compute per update", 1e-9))
+    for ax, (key, ylabel, title, scale) in zip(axes, panels, strict=True):
+        for name, label, marker in (("streamed", "streamed update", "o"), ("whole", "whole audio re-sent, no cache", "s")):
+            m = [r[f"{name}_{key}"] for r in rows.values()]
+            med = [x["median"] * scale for x in m]
+            ax.errorbar(secs, med, yerr=[[a - x["min"] * scale for a, x in zip(med, m, strict=True)],
+                                         [x["max"] * scale - a for a, x in zip(med, m, strict=True)]],
+                        marker=marker, capsize=3, label=label)
+        ax.set(xlabel="audio so far (s)", ylabel=ylabel, title=title, ylim=(0, None))
+    axes[0].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def format_report(r: dict) -> str:
+    """The demo's result as text: WERs and their paired difference, per second of audio the
+    streamed update against the whole re-send, the slopes and ratios."""
+    w, ps = r["clean_wer"], r["per_second"]
+    d = w["streamed_minus_whole"]
+
+    def ci(m: dict, key: str) -> str:
+        return f"{m[key]:.1%} [{m[key + '_ci_low']:.1%}, {m[key + '_ci_high']:.1%}]"
+
+    def mr(x: dict, fmt: str = ".0f") -> str:
+        return f"{x['median']:{fmt}} [{x['min']:{fmt}}, {x['max']:{fmt}}]"
+
+    lines = [f"final WER, {w['n_utts']} held-out utterances: streamed {ci(w['streamed'], 'wer')}  whole {ci(w['whole'], 'wer')}  "
+             f"streamed - whole {d['wer_delta'] * 100:+.1f} points [{d['wer_delta_ci_low'] * 100:+.1f}, {d['wer_delta_ci_high'] * 100:+.1f}]",
+             "audio s | latency ms: streamed, whole re-sent | prefill tokens: streamed, whole | GFLOPs: streamed, whole"]
+    for sec, row in ps["seconds"].items():
+        lines.append(f"{int(sec):>7} | {mr(row['streamed_latency_s'])}, {mr(row['whole_latency_s'])} | "
+                     f"{row['streamed_prefill_tokens']['median']:.0f}, {row['whole_prefill_tokens']['median']:.0f} | "
+                     f"{row['streamed_flops']['median'] * 1e-9:.3g}, {row['whole_flops']['median'] * 1e-9:.3g}")
+    for name in ("streamed", "whole"):
+        sl = ps[f"latency_slope_{name}"]
+        lines.append(f"latency slope from 2 s, {name}: {sl['ms_per_s']:+.2f} ms per s of audio [{sl['ci_low']:+.2f}, {sl['ci_high']:+.2f}]")
+    lines.append(f"at {ps['at_s']} s, whole re-sent / streamed update: FLOPs {mr(ps['flops_ratio'], '.1f')}x, "
+                 f"prefill tokens {mr(ps['prefill_ratio'], '.1f')}x (per clip)")
+    lines.append("last update vs whole audio re-sent, alternating rounds: " + json.dumps(r["per_update_vs_whole"]))
+    return "\n".join(lines)
 
 
 @hydra.main(config_path="../../conf/apps", config_name="streaming", version_base=None)
@@ -378,14 +510,7 @@ def main(cfg: DictConfig) -> None:
         manifests = prepare.default_base()[1]
         rows = read_manifest(manifests["test"])[: cfg.utterances]
         r = streaming_eval(model, rows, settings, cfg.long_clips, cfg.long_s, cfg.rounds, Path(cfg.out_dir))
-        w = r["clean_wer"]
-        print(f"final WER, {w['n_utts']} held-out utterances: streamed {w['streamed']['wer']:.1%} "
-              f"[{w['streamed']['wer_ci_low']:.1%}, {w['streamed']['wer_ci_high']:.1%}]  "
-              f"whole {w['whole']['wer']:.1%} [{w['whole']['wer_ci_low']:.1%}, {w['whole']['wer_ci_high']:.1%}]")
-        for sec, g in by_second(r["updates"]).items():
-            print(f"{sec:>3} s: latency p50 {np.median([u['latency_s'] for u in g]) * 1000:6.1f} ms  "
-                  f"prefill {np.median([u['prefill_tokens'] for u in g]):5.0f} of {np.median([u['prompt_tokens'] for u in g]):5.0f} tokens")
-        print("last update vs whole audio re-sent:", json.dumps(r["per_update_vs_whole"]))
+        print(format_report(r))
         print(f"-> {cfg.out_dir}/streaming.json, streaming.png")
         return
     llm = make_llm(model, max_model_len=engine_len(model), **streaming_engine_args(settings))
