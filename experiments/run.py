@@ -133,10 +133,16 @@ def align(cfg: DictConfig, state: dict) -> dict:
         caches[split] = cache_info(cache_dir)
         print(f"[align] encoder cache {split}: {caches[split]['clips']} clips, "
               f"{caches[split]['bytes'] / 2**20:.1f} MiB ({caches[split]['dtype']})")
+        if split == "train" and recipe.kd_teacher == "whole":  # the teacher hears each clip whole
+            whole_dir = cache_root() / "encoder" / name.removesuffix(f"-chunk{chunk}")
+            with main_first():
+                teacher_frames, _ = load_or_build(model, processor, rows, whole_dir, trainer.encoder_batch_size,
+                                                  trainer.cache_store_dtype)
     del model  # align loads its own copy (frozen parts in the trainer's precision)
     if place.device.type == "cuda":
         torch.cuda.empty_cache()
-    result = train_align(base_dir, block, splits["train"], splits["dev"], out / "checkpoint", settings, recipe, trainer)
+    result = train_align(base_dir, block, splits["train"], splits["dev"], out / "checkpoint", settings, recipe, trainer,
+                         teacher_frames if recipe.kd_teacher == "whole" else None)
     if place.device.type == "cuda":
         torch.cuda.empty_cache()  # the twin is gone: give its memory back before vLLM starts
     result |= {"checkpoint": str(out / "checkpoint"), "projector": block, "init": recipe.init, "encoder_cache": caches}

@@ -188,6 +188,7 @@ def test_realtime_client_against_vllm_serve(speech_clips, tiny_base, tmp_path):
     assert "broken.wav" in streams[2][0]["error"] and summary["failed_updates"] >= 1
     assert summary["prefill_tokens_per_update"]["mean"] < summary["prompt_tokens_per_update"]["mean"]
     assert 0 <= summary["final_wer"]["wer"] and summary["partial_latency_p95_s"] > 0
+    assert summary["final_minus_whole"]["n_utts"] == 2  # the broken file is left out of the paired difference
 
 
 def test_chunked_cache_and_align_use_the_stream_layout(speech_clips, tiny_base, tmp_path):
@@ -231,6 +232,16 @@ def test_chunked_cache_and_align_use_the_stream_layout(speech_clips, tiny_base, 
     assert trained["recipe"]["chunk_s"] == 0.5 and trained["best_dev_loss"] < untrained["best_dev_loss"] - 0.05
     assert (tmp_path / "out" / "model.safetensors").exists()
 
+    # the whole-utterance teacher: the base hears each clip whole, the student its chunks
+    whole_frames, _ = load_or_build(model, processor, rows, tmp_path / "whole")
+    recipe = AlignRecipe(init="base", chunk_s=0.5, kd_teacher="whole")
+    with pytest.raises(ValueError, match="teacher=whole needs every training clip's frames encoded whole"):
+        aligned(5e-3, "no-teacher-frames")
+    settings = TrainSettings(steps=40, batch_size=4, lr=5e-3, warmup=2, eval_every=40)
+    taught = align(tiny_base, {"name": "linear", "stack": 1}, (frames, texts), (frames, texts), tmp_path / "kd", settings,
+                   recipe, teacher_frames=whole_frames)
+    assert taught["recipe"]["kd_teacher"] == "whole" and taught["best_dev_loss"] < untrained["best_dev_loss"] - 0.05
+
 
 @pytest.mark.engine
 def test_demo_sets_each_update_against_the_whole_audio_resent(speech_clips, tiny_base, tmp_path):
@@ -255,10 +266,11 @@ def test_demo_sets_each_update_against_the_whole_audio_resent(speech_clips, tiny
         resent = [w for w in r["whole_resend"] if w["clip"] == clip]
         assert [round(u["audio_s"]) for u in ups] == [round(w["audio_s"]) for w in resent] == [1, 2, 3, 4, 5]
         assert ups[0]["prompt_tokens"] == resent[0]["prompt_tokens"]  # one chunk: the same prompt
+        assert [u["encoded_s"] for u in ups] == [1.0] * 5  # costed: the new chunk's encoding only
         for u, w in list(zip(ups, resent, strict=True))[1:]:
             assert u["prefill_tokens"] < w["prefill_tokens"] and u["flops"] < w["flops"]
     ps = r["per_second"]
-    assert ps["flops_ratio"]["min"] > 1 and ps["prefill_ratio"]["min"] > 1
+    assert ps["flops_ratio"]["min"] > 1 and ps["prefill_ratio"]["min"] > 1 and ps["flops_7b_dims_ratio"]["min"] > 1
     for name in ("streamed", "whole"):
         slope = ps[f"latency_slope_{name}"]
         assert slope["ci_low"] <= slope["ms_per_s"] <= slope["ci_high"] and slope["clips"] == 2

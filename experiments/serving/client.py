@@ -226,7 +226,7 @@ async def realtime(base_url: str, model: str, rows: list[dict], settings, concur
     from openai import AsyncOpenAI
 
     from experiments.data.audio import AudioError, load_audio
-    from experiments.metrics import percentiles, wer_cer
+    from experiments.metrics import percentiles, wer_cer, wer_difference
 
     sem = asyncio.Semaphore(concurrency)
     async with AsyncOpenAI(base_url=base_url, api_key="EMPTY", timeout=timeout_s, max_retries=0) as client:
@@ -259,6 +259,10 @@ async def realtime(base_url: str, model: str, rows: list[dict], settings, concur
     if all(refs):
         summary["final_wer"] = wer_cer(refs, [f.text if f else None for f in finals])
         summary["whole_wer"] = wer_cer(refs, [t.strip() if w.ok else None for w, t in whole])
+        both = [i for i, (f, (w, _)) in enumerate(zip(finals, whole, strict=True)) if f and w.ok]
+        if both:  # paired, on the clips both requests transcribed
+            summary["final_minus_whole"] = wer_difference([refs[i] for i in both], [finals[i].text for i in both],
+                                                          [whole[i][1].strip() for i in both])
     return {"summary": summary, "streams": [[asdict(u) for u in s] for s in streams]}
 
 

@@ -253,25 +253,29 @@ class StreamingReport:
     per_update_vs_whole: dict = field(default_factory=dict)  # alternating rounds at the last second
 
 
-def model_dims_of(ckpt: Path):
-    """The dims (cost_split's TinySpec) of the checkpoint at `ckpt`."""
+def cost_dims(ckpt: Path) -> dict:
+    """{"flops": the dims of the checkpoint at `ckpt`, "flops_7b_dims": Qwen2-Audio-7B's}
+    (cost_split's TinySpec): every request is costed at both, the second pricing the same
+    token counts at the real model's sizes (its encoder is a larger share of the work)."""
     from transformers import AutoConfig
 
+    from experiments.benchmarks.cost_split import model_dims
     from experiments.benchmarks.training import dims_of
 
-    return dims_of(AutoConfig.from_pretrained(ckpt))
+    return {"flops": dims_of(AutoConfig.from_pretrained(ckpt)), "flops_7b_dims": model_dims("qwen2-audio-7b-random")}
 
 
-def request_flops(dims, encoded_s: float, prompt_tokens: int, cached_tokens: int, new_tokens: int) -> float:
-    """Forward FLOPs of one request: the encoder over the `encoded_s` seconds of audio it
+def request_flops(dims: dict, encoded_s: float, prompt_tokens: int, cached_tokens: int, new_tokens: int) -> dict:
+    """Forward FLOPs of one request at each of `dims` (`cost_dims`): the encoder over the `encoded_s` seconds of audio it
     encodes (one piece), the LLM over the prompt tokens vLLM did not find cached, then its
     decoding (experiments/benchmarks/cost_split.py's arithmetic). For an update, `encoded_s`
     is the new chunk only: earlier chunks are either inside the cached prefix or in vLLM's
     encoder cache, which keeps outputs by item hash across requests until it needs the room."""
     from experiments.benchmarks.cost_split import POSITIONS_PER_S, encoder_flops, llm_flops
 
-    encoder = encoder_flops(dims, round(encoded_s * POSITIONS_PER_S)) if encoded_s > 0 else 0.0
-    return encoder + llm_flops(dims, prompt_tokens - cached_tokens, new_tokens, cached_tokens)
+    positions = round(encoded_s * POSITIONS_PER_S)
+    return {key: (encoder_flops(d, positions) if positions else 0.0) + llm_flops(d, prompt_tokens - cached_tokens, new_tokens, cached_tokens)
+            for key, d in dims.items()}
 
 
 def streaming_eval(ckpt: Path, rows: list[dict], settings: StreamSettings, long_clips: int, long_s: float,
@@ -291,7 +295,7 @@ def streaming_eval(ckpt: Path, rows: list[dict], settings: StreamSettings, long_
     from experiments.serving.long_form import demo_clips, engine_len
 
     report = StreamingReport(asdict(settings))
-    dims = model_dims_of(ckpt)
+    dims = cost_dims(ckpt)
     llm = make_llm(ckpt, max_model_len=engine_len(ckpt), **streaming_engine_args(settings))
     try:
         st = StreamingTranscriber(llm, settings)
@@ -309,8 +313,8 @@ def streaming_eval(ckpt: Path, rows: list[dict], settings: StreamSettings, long_
             updates = st.run(in_chunks(clip, settings.chunk_s))
             seen = 0.0
             for u in updates:
-                report.updates.append(dict(asdict(u), clip=i, prefill_tokens=u.prefill_tokens,
-                                           flops=request_flops(dims, u.audio_s - seen, u.prompt_tokens, u.cached_tokens, u.new_tokens)))
+                report.updates.append(dict(asdict(u), clip=i, prefill_tokens=u.prefill_tokens, encoded_s=u.audio_s - seen,
+                                           **request_flops(dims, u.audio_s - seen, u.prompt_tokens, u.cached_tokens, u.new_tokens)))
                 seen = u.audio_s
             report.whole_resend += [dict(r, clip=i) for r in whole_resend(st, clip, dims)]
         report.per_second = per_second(report.updates, report.whole_resend, long_s)
@@ -342,7 +346,7 @@ def resend_whole(st: StreamingTranscriber, audio: np.ndarray, dims) -> dict:
     prompt, cached, new = len(out.prompt_token_ids), int(out.num_cached_tokens or 0), len(out.outputs[0].token_ids)
     return {"audio_s": seconds, "latency_s": latency, "prompt_tokens": prompt, "cached_tokens": cached,
             "prefill_tokens": prompt - cached, "new_tokens": new, "text": out.outputs[0].text.strip(),
-            "flops": request_flops(dims, seconds, prompt, cached, new)}
+            "encoded_s": seconds, **request_flops(dims, seconds, prompt, cached, new)}
 
 
 def whole_resend(st: StreamingTranscriber, clip: np.ndarray, dims) -> list[dict]:
@@ -391,6 +395,7 @@ def per_second(updates: list[dict], resent: list[dict], long_s: float) -> dict:
                                               if 2 <= round(w["audio_s"]) <= long_s]),
         "at_s": last,
         "flops_ratio": _median_range([w["flops"] / u["flops"] for u, w in pairs]),
+        "flops_7b_dims_ratio": _median_range([w["flops_7b_dims"] / u["flops_7b_dims"] for u, w in pairs]),
         "prefill_ratio": _median_range([w["prefill_tokens"] / max(u["prefill_tokens"], 1) for u, w in pairs]),
     }
 
@@ -418,6 +423,7 @@ def last_update_vs_whole(st: StreamingTranscriber, clip: np.ndarray, rounds: int
     ratios = sorted(w["latency_s"] / s.latency_s for s, w in zip(streamed, whole, strict=True))
     s, w = streamed[0], whole[0]
     s_flops = request_flops(dims, s.audio_s - before.audio_s, s.prompt_tokens, s.cached_tokens, s.new_tokens)
+    flops = {f"{key}_ratio": w[key] / s_flops[key] for key in dims}
     return {
         "audio_s": s.audio_s, "rounds": rounds,
         "streamed_latency_s": float(np.median([u.latency_s for u in streamed])),
@@ -426,7 +432,7 @@ def last_update_vs_whole(st: StreamingTranscriber, clip: np.ndarray, rounds: int
         "streamed_prefill_tokens": s.prefill_tokens, "whole_prefill_tokens": w["prefill_tokens"],
         "streamed_new_tokens": s.new_tokens, "whole_new_tokens": w["new_tokens"],
         "prefill_ratio": w["prefill_tokens"] / max(s.prefill_tokens, 1),
-        "flops_ratio": w["flops"] / s_flops,
+        **flops,
     }
 
 
@@ -490,7 +496,8 @@ def format_report(r: dict) -> str:
     for name in ("streamed", "whole"):
         sl = ps[f"latency_slope_{name}"]
         lines.append(f"latency slope from 2 s, {name}: {sl['ms_per_s']:+.2f} ms per s of audio [{sl['ci_low']:+.2f}, {sl['ci_high']:+.2f}]")
-    lines.append(f"at {ps['at_s']} s, whole re-sent / streamed update: FLOPs {mr(ps['flops_ratio'], '.1f')}x, "
+    lines.append(f"at {ps['at_s']} s, whole re-sent / streamed update: FLOPs {mr(ps['flops_ratio'], '.1f')}x "
+                 f"(the same tokens at 7B dims {mr(ps['flops_7b_dims_ratio'], '.1f')}x), "
                  f"prefill tokens {mr(ps['prefill_ratio'], '.1f')}x (per clip)")
     lines.append("last update vs whole audio re-sent, alternating rounds: " + json.dumps(r["per_update_vs_whole"]))
     return "\n".join(lines)

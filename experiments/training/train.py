@@ -272,7 +272,7 @@ def mean_loss(loss_on: LossFn, n: int, batch_size: int) -> float:
 
 CTC_UNITS = ("tokens", "chars")
 ALIGN_INITS = ("random", "base", "mean_pool")
-KD_TEACHERS = ("none", "base", "text")
+KD_TEACHERS = ("none", "base", "text", "whole")
 
 
 @dataclass(frozen=True)
@@ -284,7 +284,9 @@ class AlignRecipe:
       base: the base checkpoint (its full-rate projector, the same frozen LLM) on the same
       audio; text: the frozen LLM reading the transcript as text in the audio's place
       (Ultravox, DiVA). Loss = LM + kd_weight * T^2 * KL(teacher_T || student_T), summed
-      per token like the LM loss.
+      per token like the LM loss. whole: the base checkpoint on the whole clip as one item,
+      teaching a chunked student (chunk_s) what the whole-utterance model predicts; needs the
+      whole clips' frames (align's teacher_frames).
     lora_rank > 0: LoRA adapters (lora_alpha, on the LLM's Linears named in lora_targets)
       train with the projector and are merged into the exported LLM weights.
     chunk_s: align for streaming (experiments/serving/streaming.py): every clip is cut into
@@ -450,6 +452,7 @@ def align(
     s: TrainSettings,
     recipe: AlignRecipe = AlignRecipe(),
     trainer: TrainerSettings = TrainerSettings(),
+    teacher_frames: list[torch.Tensor] | None = None,
 ) -> dict:
     """Train only `projector` (and LoRA adapters where the recipe asks) on cached pooled
     encoder frames ([(T_i, d_audio)], texts), the encoder and the LLM of `base_dir` frozen
@@ -458,7 +461,8 @@ def align(
     mean_pool (a stack-k linear projector that starts as mean pooling of k frames followed
     by the base's stack-1 linear projection, LinearProjector.init_as_mean_pool); the rest of
     the recipe is AlignRecipe's. The dev loss that picks the best weights is the LM loss
-    alone. Under torchrun every process runs this on its share of each global batch;
+    alone. `teacher_frames`: each training clip's frames encoded whole, for the whole
+    teacher (recipe.kd_teacher="whole"). Under torchrun every process runs this on its share of each global batch;
     process 0 writes the checkpoint."""
     from experiments.training.cache import pad_frames
     from experiments.training.lora import adapters_off, add_lora
@@ -466,6 +470,9 @@ def align(
 
     place = trainer.placement()
     torch.manual_seed(s.seed)
+    if recipe.kd_teacher == "whole" and (teacher_frames is None or len(teacher_frames) != len(train[0])):
+        raise ValueError("train.kd.teacher=whole needs every training clip's frames encoded whole (align's teacher_frames, "
+                         f"{len(train[0])} of them); got {None if teacher_frames is None else len(teacher_frames)}")
     if recipe.lora_rank and devices.world_size() > 1:
         raise ValueError("train.lora.rank > 0 runs in one process (its adapters are not data-parallel yet); "
                          "run without torchrun or set train.lora.rank=0")
@@ -483,12 +490,16 @@ def align(
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run = devices.data_parallel(proj, place)
     batcher = TextBatcher(processor.tokenizer, model.audio_token_id)
-    teacher_projector = _base_projector(base_dir, place.device) if recipe.kd_teacher == "base" else None
+    teacher_projector = _base_projector(base_dir, place.device) if recipe.kd_teacher in ("base", "whole") else None
 
-    def teacher_logits(x: torch.Tensor, lengths: torch.Tensor, texts: list[str], per_row: list[int]) -> torch.Tensor:
+    def teacher_logits(x: torch.Tensor, lengths: torch.Tensor, texts: list[str], per_row: list[int],
+                       idx: list[int]) -> torch.Tensor:
         with torch.no_grad(), adapters_off(adapters):
             if recipe.kd_teacher == "text":
                 return model.labelled_logits(audio_embeds=[], **_on(batcher.text_teacher(texts), place.device))[0]
+            if recipe.kd_teacher == "whole":  # one item per clip, whatever the student's layout
+                x, lengths = pad_frames([teacher_frames[i] for i in idx])
+                x, per_row = x.to(place.device, torch.float32), [1] * len(idx)
             audio = model.project(x, lengths, projector=teacher_projector)
             batch = batcher(texts, _grouped([a.shape[0] for a in audio], per_row))
             return model.labelled_logits(audio_embeds=audio, **_on(batch, place.device))[0]
@@ -504,7 +515,7 @@ def align(
             logits, target = model.labelled_logits(audio_embeds=audio, **batch)
             total = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
             if train_mode and recipe.kd_teacher != "none" and recipe.kd_weight > 0:
-                teacher = teacher_logits(x, lengths, rows, per_row)
+                teacher = teacher_logits(x, lengths, rows, per_row, idx)
                 total = total + recipe.kd_weight * kd_loss(logits, teacher, recipe.kd_temperature)
             return total, torch.tensor(target.numel(), device=target.device)
 
