@@ -1,7 +1,7 @@
 """Streaming transcription: audio arrives in chunks, a partial transcript follows each one.
 
     python -m experiments.serving.streaming files=[a.wav] [model=DIR] [chunk_s=1.0]
-    python -m experiments.serving.streaming demo=true     # WER, latency per update, plot
+    python -m experiments.serving.streaming demo=true     # WER, cost per update vs re-sending, plot
 
 Layout. A stream cut into k chunks (`windows.chunks`, the pieces long-form windows are cut
 by) is one chat prompt with k audio items, as `vllm serve` renders k audio parts:
@@ -17,6 +17,12 @@ Partial text. Update k starts the assistant's answer with update k-1's text minu
 the rest, so an update's decode does not grow with the audio before it. The final update,
 after the last chunk, decodes the whole transcript afresh: the transcript that counts is
 never locked to a guess made on partial audio.
+
+Cost. The demo sets every partial update against re-sending the whole audio so far as one
+item with the prefix cache emptied, second by second: latency, prefilled tokens (vLLM's
+`num_cached_tokens`) and forward FLOPs counted from those tokens and the audio encoded
+(experiments/benchmarks/cost_split.py's arithmetic; an update encodes only its new chunk,
+which `engine.EncoderProbe` confirms in the tests).
 
 Bad input: every chunk of a stream must come at the stream's first sample rate (resampled
 to 16 kHz like any audio; a change mid-stream is refused), an empty chunk is refused and
