@@ -313,7 +313,8 @@ def streaming_eval(ckpt: Path, rows: list[dict], settings: StreamSettings, long_
                                                                    SamplingParams(max_tokens=32, temperature=0), use_tqdm=False)]
         report.clean_wer = {"n_utts": len(rows), "streamed": wer_cer(refs, streamed), "whole": wer_cer(refs, whole),
                             "streamed_minus_whole": wer_difference(refs, streamed, whole),
-                            "examples": [{"ref": r, "streamed": s, "whole": w} for r, s, w in list(zip(refs, streamed, whole, strict=True))[:5]]}
+                            "utterances": [{"id": row.get("id", row["audio_filepath"]), "ref": r, "streamed": s, "whole": w}
+                                           for row, r, s, w in zip(rows, refs, streamed, whole, strict=True)]}
         clips = [a for a, _ in demo_clips(rows, long_s, long_clips, seed=1)]
         for i, clip in enumerate(clips):
             updates = st.run(in_chunks(clip, settings.chunk_s))
