@@ -127,7 +127,7 @@ def test_align_with_lora_exports_a_plain_checkpoint(tiny_base, data, tmp_path):
 
 
 def test_recipe_rejects_unknown_settings():
-    with pytest.raises(ValueError, match=r"train.kd.teacher='teacher'.*\('none', 'base', 'text'\)"):
+    with pytest.raises(ValueError, match=r"train.kd.teacher='teacher'.*\('none', 'base', 'text', 'whole'\)"):
         AlignRecipe(kd_teacher="teacher")
     with pytest.raises(ValueError, match="train.init='warm'"):
         AlignRecipe(init="warm")
