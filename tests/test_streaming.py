@@ -251,7 +251,7 @@ def test_demo_sets_each_update_against_the_whole_audio_resent(speech_clips, tiny
     difference of the WERs; the JSON and the plot are written."""
     import json
 
-    from experiments.serving.streaming import format_report, streaming_eval
+    from experiments.serving.streaming import comparison, format_report, streaming_eval
 
     rows = [{"audio_filepath": str(p), "text": t} for p, _, t in speech_clips]
     settings = StreamSettings(chunk_s=1.0, max_chunks=8, partial_tokens=6, final_tokens_per_s=8)
@@ -278,3 +278,7 @@ def test_demo_sets_each_update_against_the_whole_audio_resent(speech_clips, tiny
     assert w["streamed_minus_whole"]["wer_delta"] == pytest.approx(w["streamed"]["wer"] - w["whole"]["wer"])
     assert r["per_update_vs_whole"]["audio_s"] == 5.0 and r["per_update_vs_whole"]["flops_ratio"] > 1
     assert "streamed - whole" in format_report(json.loads(json.dumps(r)))
+    quality, cost = comparison([tmp_path, tmp_path]).split("\n\n")
+    cells = quality.splitlines()[2].split(" | ")
+    assert cells[-2] == cells[-1].rstrip(" |")  # paired with itself as the base: the same difference
+    assert len(quality.splitlines()) == len(cost.splitlines()) == 4 and f"| {tmp_path.name} | 1 s | 5 s |" in cost

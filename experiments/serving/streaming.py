@@ -2,6 +2,7 @@
 
     python -m experiments.serving.streaming files=[a.wav] [model=DIR] [chunk_s=1.0]
     python -m experiments.serving.streaming demo=true     # WER, cost per update vs re-sending, plot
+    python -m experiments.serving.streaming compare=[outputs/streaming/base,DIR2,...]   # demos side by side
 
 Layout. A stream cut into k chunks (`windows.chunks`, the pieces long-form windows are cut
 by) is one chat prompt with k audio items, as `vllm serve` renders k audio parts:
@@ -510,15 +511,62 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def comparison(dirs: list[Path]) -> str:
+    """Markdown tables of demo results (each dir's streaming.json), one row per dir named by
+    it: WER (streamed, whole, their paired difference, and the streamed transcripts paired
+    with the first dir's whole-utterance ones, the base's), then the cost per update at the
+    last partial second against the whole re-send."""
+    from experiments.metrics import wer_difference
+
+    results = [(Path(d).name, json.loads((Path(d) / "streaming.json").read_text())) for d in dirs]
+    base = results[0][1]["clean_wer"]["utterances"]
+
+    def ci(m: dict, key: str) -> str:
+        return f"{m[key] * 100:.1f} % [{m[key + '_ci_low'] * 100:.1f}, {m[key + '_ci_high'] * 100:.1f}]"
+
+    def delta(d: dict) -> str:
+        return f"{d['wer_delta'] * 100:+.1f} [{d['wer_delta_ci_low'] * 100:+.1f}, {d['wer_delta_ci_high'] * 100:+.1f}]"
+
+    def ratio(x: dict, fmt: str = ".1f") -> str:
+        return f"{x['median']:{fmt}}x [{x['min']:{fmt}}, {x['max']:{fmt}}]"
+
+    def slope(x: dict) -> str:
+        return f"{x['ms_per_s']:+.1f} [{x['ci_low']:+.1f}, {x['ci_high']:+.1f}]"
+
+    quality = ["| demo | chunks | streamed final WER [95 % CI] | same checkpoint, whole utterance | streamed - whole, paired [95 % CI] "
+               f"| streamed - {results[0][0]}'s whole, paired |", "|---|---|---|---|---|---|"]
+    cost = ["| demo | chunks | last partial | FLOPs: whole re-sent / update, the model's dims | same tokens at 7B dims | prefill tokens ratio "
+            "| latency slope, update (ms per s of audio) | latency slope, whole re-sent | last update vs whole, alternating rounds: latency ratio |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results:
+        w, ps, lu = r["clean_wer"], r["per_second"], r["per_update_vs_whole"]
+        utts = w["utterances"]
+        if [u["ref"] for u in utts] != [u["ref"] for u in base]:
+            raise ValueError(f"{name}: its utterances are not {results[0][0]}'s; run every demo on the same test rows")
+        paired = wer_difference([u["ref"] for u in utts], [u["streamed"] for u in utts], [u["whole"] for u in base])
+        chunks = f"{r['settings']['chunk_s']:g} s"
+        quality.append(f"| {name} | {chunks} | {ci(w['streamed'], 'wer')} | {ci(w['whole'], 'wer')} | {delta(w['streamed_minus_whole'])} | {delta(paired)} |")
+        cost.append(f"| {name} | {chunks} | {ps['at_s']} s | {ratio(ps['flops_ratio'])} | {ratio(ps['flops_7b_dims_ratio'])} | "
+                    f"{ratio(ps['prefill_ratio'])} | {slope(ps['latency_slope_streamed'])} | {slope(ps['latency_slope_whole'])} | "
+                    f"{lu['latency_ratio']:.2f}x [{lu['latency_ratio_min']:.2f}, {lu['latency_ratio_max']:.2f}] |")
+    return "\n".join(quality) + "\n\n" + "\n".join(cost)
+
+
 @hydra.main(config_path="../../conf/apps", config_name="streaming", version_base=None)
 def main(cfg: DictConfig) -> None:
     from experiments.data import prepare, read_manifest
     from experiments.serving.engine import close_llm, make_llm
     from experiments.serving.long_form import engine_len
 
+    if cfg.compare:
+        missing = [d for d in cfg.compare if not (Path(d) / "streaming.json").is_file()]
+        if missing:
+            raise SystemExit(f"compare: no streaming.json in {missing}; give out_dir folders of demo=true runs")
+        print(comparison([Path(d) for d in cfg.compare]))
+        return
     settings = StreamSettings(**cfg.stream)
     if not cfg.demo and not cfg.files:
-        raise SystemExit("give audio files (files=[a.wav]), or demo=true")
+        raise SystemExit("give audio files (files=[a.wav]), or demo=true, or compare=[demo out_dirs]")
     model = Path(cfg.model) if cfg.model else prepare.default_base()[0]
     if cfg.demo:
         manifests = prepare.default_base()[1]
