@@ -263,7 +263,8 @@ class StreamingReport:
 def cost_dims(ckpt: Path) -> dict:
     """{"flops": the dims of the checkpoint at `ckpt`, "flops_7b_dims": Qwen2-Audio-7B's}
     (cost_split's TinySpec): every request is costed at both, the second pricing the same
-    token counts at the real model's sizes (its encoder is a larger share of the work)."""
+    token counts at the real model's sizes (where the LLM, not the encoder, is most of the
+    work)."""
     from transformers import AutoConfig
 
     from experiments.benchmarks.cost_split import model_dims
@@ -273,8 +274,8 @@ def cost_dims(ckpt: Path) -> dict:
 
 
 def request_flops(dims: dict, encoded_s: float, prompt_tokens: int, cached_tokens: int, new_tokens: int) -> dict:
-    """Forward FLOPs of one request at each of `dims` (`cost_dims`): the encoder over the `encoded_s` seconds of audio it
-    encodes (one piece), the LLM over the prompt tokens vLLM did not find cached, then its
+    """Forward FLOPs of one request at each of `dims` (`cost_dims`): the encoder over the
+    `encoded_s` seconds of audio it encodes (one piece), the LLM over the prompt tokens vLLM did not find cached, then its
     decoding (experiments/benchmarks/cost_split.py's arithmetic). For an update, `encoded_s`
     is the new chunk only: earlier chunks are either inside the cached prefix or in vLLM's
     encoder cache, which keeps outputs by item hash across requests until it needs the room."""
