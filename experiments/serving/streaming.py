@@ -72,6 +72,10 @@ class StreamSettings:
     def chunk(self) -> int:
         return int(round(self.chunk_s * SAMPLE_RATE))
 
+    def final_budget(self, seconds: float) -> int:
+        """New tokens a whole transcript of `seconds` of audio may decode."""
+        return max(32, int(self.final_tokens_per_s * seconds + 0.5))
+
 
 class AudioStream:
     """One live stream: chunks of any size pushed in, fixed `chunk_s` pieces out.
@@ -158,7 +162,7 @@ def next_request(stream: AudioStream, previous: str) -> tuple[str, int]:
     ask this, so their prompts stay the same."""
     s = stream.settings
     if stream.ended:
-        return "", max(32, int(s.final_tokens_per_s * stream.seconds + 0.5))
+        return "", s.final_budget(stream.seconds)
     return answer_prefix(previous, s.unstable_words), s.partial_tokens
 
 
@@ -319,12 +323,11 @@ def streaming_eval(ckpt: Path, rows: list[dict], settings: StreamSettings, long_
                                            for row, r, s, w in zip(rows, refs, streamed, whole, strict=True)]}
         clips = [a for a, _ in demo_clips(rows, long_s, long_clips, seed=1)]
         for i, clip in enumerate(clips):
-            updates = st.run(in_chunks(clip, settings.chunk_s))
             seen = 0.0
-            for u in updates:
-                report.updates.append(dict(asdict(u), clip=i, prefill_tokens=u.prefill_tokens, encoded_s=u.audio_s - seen,
-                                           **request_flops(dims, u.audio_s - seen, u.prompt_tokens, u.cached_tokens, u.new_tokens)))
-                seen = u.audio_s
+            for u in st.run(in_chunks(clip, settings.chunk_s)):
+                new_s, seen = u.audio_s - seen, u.audio_s  # the audio this update encodes
+                report.updates.append(dict(asdict(u), clip=i, prefill_tokens=u.prefill_tokens, encoded_s=new_s,
+                                           **request_flops(dims, new_s, u.prompt_tokens, u.cached_tokens, u.new_tokens)))
             report.whole_resend += [dict(r, clip=i) for r in whole_resend(st, clip, dims)]
         report.per_second = per_second(report.updates, report.whole_resend, long_s)
         report.per_update_vs_whole = last_update_vs_whole(st, clips[0], rounds, dims)
@@ -346,7 +349,7 @@ def resend_whole(st: StreamingTranscriber, audio: np.ndarray, dims) -> dict:
     from experiments.serving.engine import audio_request, chat_prompt
 
     seconds = len(audio) / SAMPLE_RATE
-    budget = max(32, int(st.settings.final_tokens_per_s * seconds + 0.5))
+    budget = st.settings.final_budget(seconds)
     st.llm.reset_prefix_cache()
     t0 = time.perf_counter()
     (out,) = st.llm.generate([audio_request(chat_prompt(st.tokenizer), audio)],
@@ -431,7 +434,7 @@ def last_update_vs_whole(st: StreamingTranscriber, clip: np.ndarray, rounds: int
         whole.append(resend_whole(st, np.concatenate(pieces), dims))
     ratios = sorted(w["latency_s"] / s.latency_s for s, w in zip(streamed, whole, strict=True))
     s, w = streamed[0], whole[0]
-    s_flops = request_flops(dims, s.audio_s - before.audio_s, s.prompt_tokens, s.cached_tokens, s.new_tokens)
+    s_flops = request_flops(dims, s.audio_s - previous.seconds, s.prompt_tokens, s.cached_tokens, s.new_tokens)
     flops = {f"{key}_ratio": w[key] / s_flops[key] for key in dims}
     return {
         "audio_s": s.audio_s, "rounds": rounds,
