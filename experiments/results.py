@@ -50,6 +50,12 @@ def entries() -> dict[str, tuple[str, Command]]:
                            _evaluate("small_base_wer", "test")),
         "small_base_wer_noisy": ("The testbed: model=small's base WER/CER on the noisy held-out split (10 dB)",
                                  _evaluate("small_base_wer_noisy", "test_noisy")),
+        "whisper_anchor": ("The testbed: Whisper tiny.en itself beside the base, paired", lambda out, base, m: [
+            *PY, "experiments.benchmarks.whisper_anchor", f"checkpoint={base}", "splits=[test,test_noisy]",
+            f"hydra.run.dir={out / 'whisper_anchor'}"]),
+        "tower_window": ("The testbed: Whisper's tower over real frames vs its 30 s window (dev WER, CTC probe)",
+                         lambda out, base, m: [*PY, "experiments.benchmarks.tower_window",
+                                               f"hydra.run.dir={out / 'tower_window'}"]),
         "cost_split": ("The testbed: a model with 7B's cost split", lambda out, base, m: [
             *PY, "experiments.benchmarks.cost_split", f"hydra.run.dir={out / 'cost_split'}"]),
         "sweep": ("Results: projector sweep", lambda out, base, m: [

@@ -98,7 +98,7 @@ def align(cfg: DictConfig, state: dict) -> dict:
     from experiments.data import read_manifest
     from experiments.training.cache import load_or_build
     from experiments.training.train import align as train_align
-    from qwen2_audio_vllm.checkpoint import cache_root, load_model, load_processor
+    from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
     base_dir, manifests = Path(state["base_dir"]), state["manifests"]
     block, settings, recipe, out = align_output(cfg, state)
@@ -113,7 +113,7 @@ def align(cfg: DictConfig, state: dict) -> dict:
 
     import torch
 
-    from experiments.training.cache import cache_info
+    from experiments.training.cache import cache_dir_for, cache_info
     from experiments.training.devices import is_main, main_first
 
     trainer = trainer_settings(cfg)
@@ -124,8 +124,7 @@ def align(cfg: DictConfig, state: dict) -> dict:
     for split in ("train", "dev"):
         rows = read_manifest(manifests[split])
         chunk = int(round(recipe.chunk_s * processor.feature_extractor.sampling_rate)) if recipe.chunk_s else None
-        name = f"{Path(base_dir).name}-{split}-{key_of(manifests[split])}-{place.precision}" + (f"-chunk{chunk}" if chunk else "")
-        cache_dir = cache_root() / "encoder" / name
+        cache_dir = cache_dir_for(model, rows, chunk)
         with main_first():
             frames, _ = load_or_build(model, processor, rows, cache_dir, trainer.encoder_batch_size,
                                       trainer.cache_store_dtype, chunk)
@@ -134,7 +133,7 @@ def align(cfg: DictConfig, state: dict) -> dict:
         print(f"[align] encoder cache {split}: {caches[split]['clips']} clips, "
               f"{caches[split]['bytes'] / 2**20:.1f} MiB ({caches[split]['dtype']})")
         if split == "train" and recipe.kd_teacher == "whole":  # the teacher hears each clip whole
-            whole_dir = cache_root() / "encoder" / name.removesuffix(f"-chunk{chunk}")
+            whole_dir = cache_dir_for(model, rows)
             with main_first():
                 teacher_frames, _ = load_or_build(model, processor, rows, whole_dir, trainer.encoder_batch_size,
                                                   trainer.cache_store_dtype)

@@ -140,9 +140,11 @@ class RealFramesEncoder(Qwen2AudioEncoder):
             return BaseModelOutput(last_hidden_state=encode_frames(self, input_features, conv_len, self.trim))
 
 
-def _encode(tower, input_features: torch.Tensor, conv_len: torch.Tensor) -> torch.Tensor:
+def _encode(tower, input_features: torch.Tensor, conv_len: torch.Tensor, pool: bool = True) -> torch.Tensor:
     """The encoder's forward (conv stem, positions, layers, pool, norm) over the width given,
-    attention restricted to the first conv_len[i] positions of clip i."""
+    attention restricted to the first conv_len[i] positions of clip i. pool=False skips the
+    average pool: Whisper's own encoder output (50/s), which Qwen2-Audio pools before its
+    final layer norm."""
     x = input_features.to(tower.conv1.weight.dtype)
     x = F.gelu(tower.conv2(F.gelu(tower.conv1(x)))).permute(0, 2, 1)  # (B, T_conv, d)
     B, T, _ = x.shape
@@ -153,5 +155,6 @@ def _encode(tower, input_features: torch.Tensor, conv_len: torch.Tensor) -> torc
     attn.masked_fill_(padding[:, None, None, :], float("-inf"))
     for layer in tower.layers:
         x = layer(x, attn)
-    x = tower.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)  # (B, T_conv // 2, d)
+    if pool:
+        x = tower.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)  # (B, T_conv // 2, d)
     return tower.layer_norm(x)

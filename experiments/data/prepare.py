@@ -124,7 +124,7 @@ def ensure_base(model: dict, manifests: dict[str, Path], artifacts: Path, traine
     settings = TrainSettings(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], warmup=p["warmup"], eval_every=p["eval_every"])
     result = pretrain(ensure_random_tiny(spec), read_manifest(manifests["train"]), read_manifest(manifests["dev"]), out,
                       settings, trainer or TrainerSettings(), ctc_weight=p.get("ctc_weight", 0.0),
-                      ctc_units=p.get("ctc_units", "tokens"))
+                      ctc_units=p.get("ctc_units", "tokens"), freeze_encoder=p.get("freeze_encoder", False))
     from experiments.report import write_json_atomic
 
     write_json_atomic(out / "pretrain.json", result)

@@ -51,6 +51,15 @@ def tower_hash(model: Qwen2AudioSwap) -> str:
     return h.hexdigest()[:16]
 
 
+def cache_dir_for(model: Qwen2AudioSwap, rows: list[dict], chunk_samples: int | None = None) -> Path:
+    """Where the frames of `model`'s tower over `rows` are cached: named by the tower's
+    weights and the rows, so pretraining and every align over the same tower share one cache."""
+    from qwen2_audio_vllm.checkpoint import cache_root
+
+    manifest = hashlib.sha256(json.dumps([(r["audio_filepath"], r["text"]) for r in rows]).encode()).hexdigest()[:12]
+    return cache_root() / "encoder" / (f"tower-{tower_hash(model)}-{manifest}" + (f"-chunk{chunk_samples}" if chunk_samples else ""))
+
+
 def cache_key(model: Qwen2AudioSwap, processor, rows: list[dict], store_dtype: torch.dtype = torch.float16,
               chunk_samples: int | None = None) -> dict[str, str]:
     fe = processor.feature_extractor

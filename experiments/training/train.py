@@ -385,33 +385,58 @@ def pretrain(
     trainer: TrainerSettings = TrainerSettings(),
     ctc_weight: float = 0.0,
     ctc_units: str = "tokens",
+    freeze_encoder: bool = False,
 ) -> dict:
-    """Train every weight of the (random) checkpoint at `base_dir` on the transcripts and
-    export the best one to `out_dir`. Encoder inputs are trimmed mel features, so a step
-    costs the clip lengths, not the 30 s window, and batches hold clips of similar length
-    (`batches`' pools). All weights train, so they stay float32 (bf16 runs them under
-    autocast).
+    """Train the (random) checkpoint at `base_dir` on the transcripts and export the best
+    weights to `out_dir`. Batches hold clips of similar length (`batches`' pools). Trained
+    weights stay float32 (bf16 runs them under autocast). The dev loss that picks the best
+    weights is the LM loss alone.
 
-    ctc_weight > 0 adds a CTC loss on the encoder's pooled frames (a linear head over
-    `ctc_units`: the tokenizer's vocabulary or the transcripts' characters; dropped at
-    export), weighted against the LM loss per token. From scratch, the LLM otherwise learns
-    the sentences' language model long before the encoder learns to hear, and on
-    open-vocabulary text it stops listening (hybrid CTC/attention training keeps the encoder
-    on the transcript). The dev loss used to pick the best weights is the LM loss alone."""
+    freeze_encoder=True (a pretrained tower, e.g. Whisper's): the tower's pooled frames are
+    computed once into the encoder-output cache (the one align reads, `cache_dir_for`) and
+    only the projector and the LLM train; the exported tower is the input's, bit for bit.
+
+    freeze_encoder=False (a tower trained from scratch): every weight trains on trimmed mel
+    features, so a step costs the clip lengths, not the 30 s window. ctc_weight > 0 then
+    adds a CTC loss on the encoder's pooled frames (a linear head over `ctc_units`: the
+    tokenizer's vocabulary or the transcripts' characters; dropped at export), weighted
+    against the LM loss per token. From scratch, the LLM otherwise learns the sentences'
+    language model long before the encoder learns to hear, and on open-vocabulary text it
+    stops listening (hybrid CTC/attention training keeps the encoder on the transcript)."""
     from experiments.data.audio import load_audio
+    from experiments.training.cache import cache_dir_for, load_or_build, pad_frames
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
     from qwen2_audio_vllm.encoder import mel_features, pad_mels
     from qwen2_audio_vllm.encoder import output_lengths as encoder_lengths
 
+    if freeze_encoder and ctc_weight > 0:
+        raise ValueError(f"model.pretrain.ctc_weight={ctc_weight} trains the encoder through a CTC head, but "
+                         "model.pretrain.freeze_encoder is true; set ctc_weight: 0 or freeze_encoder: false")
     place = trainer.placement()
     model, processor = load_model(base_dir, device=place.device), load_processor(base_dir)
-    fe = processor.feature_extractor
-    mels = {
-        name: [mel_features(fe, load_audio(r["audio_filepath"])) for r in tqdm(rows, desc=f"mel {name}")]
-        for name, rows in (("train", train_rows), ("dev", dev_rows))
-    }
     texts = {"train": [r["text"] for r in train_rows], "dev": [r["text"] for r in dev_rows]}
     batcher = TextBatcher(processor.tokenizer, model.audio_token_id)
+    if freeze_encoder:
+        model.audio_tower.requires_grad_(False).eval()
+        frames = {name: load_or_build(model, processor, rows, cache_dir_for(model, rows), trainer.encoder_batch_size,
+                                      trainer.cache_store_dtype)[0]
+                  for name, rows in (("train", train_rows), ("dev", dev_rows))}
+        pooled = [f.shape[0] for f in frames["train"]]
+
+        def audio_of(split: str, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            x, lengths = pad_frames([frames[split][i] for i in idx])
+            return x.to(place.device, torch.float32), lengths.to(place.device)
+    else:
+        fe = processor.feature_extractor
+        mels = {
+            name: [mel_features(fe, load_audio(r["audio_filepath"])) for r in tqdm(rows, desc=f"mel {name}")]
+            for name, rows in (("train", train_rows), ("dev", dev_rows))
+        }
+        pooled = encoder_lengths(torch.tensor([n for _, n in mels["train"]]))[1].tolist()
+
+        def audio_of(split: str, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            feats, mask = pad_mels([mels[split][i] for i in idx])
+            return model.encode_audio(feats.to(place.device), mask.to(place.device))
     ctc, trained = None, model
     if ctc_weight > 0:
         targets, n_units = ctc_targets(texts["train"], ctc_units, processor.tokenizer)
@@ -420,26 +445,24 @@ def pretrain(
 
     def loss_for(split: str, with_ctc: bool) -> LossFn:
         def loss_on(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            feats, mask = pad_mels([mels[split][i] for i in idx])
-            frames, lengths = model.encode_audio(feats.to(place.device), mask.to(place.device))
-            audio = model.project(frames, lengths)
+            x, lengths = audio_of(split, idx)
+            audio = model.project(x, lengths)
             batch = batcher([texts[split][i] for i in idx], [a.shape[0] for a in audio])
             total, count = model.token_loss(audio_embeds=audio, **{k: v.to(place.device) for k, v in batch.items()})
             if with_ctc:
-                total = total + ctc_weight * ctc.loss(frames, lengths, [targets[i] for i in idx])
+                total = total + ctc_weight * ctc.loss(x, lengths, [targets[i] for i in idx])
             return total, count
 
         return loss_on
 
-    pooled = encoder_lengths(torch.tensor([n for _, n in mels["train"]]))[1].tolist()
     lengths = batcher.lengths(texts["train"], pooled)
     result, best = fit(
         model, trained, loss_for("train", ctc is not None),
         lambda: mean_loss(loss_for("dev", False), len(dev_rows), s.batch_size),
         batches(lengths, s.batch_size, _budget(trainer), s.seed), s, place, "pretrain",
     )
-    export_best(model, trained, best, processor, out_dir)
-    result["ctc_weight"], result["ctc_units"] = ctc_weight, ctc_units
+    export_best(model, trained, best, processor, out_dir)  # a frozen tower stays float32: its tensors are the input's
+    result |= {"ctc_weight": ctc_weight, "ctc_units": ctc_units, "freeze_encoder": freeze_encoder}
     return result
 
 
