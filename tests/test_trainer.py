@@ -228,3 +228,28 @@ def test_ctc_character_targets_spell_the_transcript(tiny_base):
     assert n_tok == len(tok) and ids == tok(texts, add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match="ctc_units='phones'"):
         ctc_targets(texts, "phones", tok)
+
+
+def test_pretrain_with_a_frozen_tower_trains_only_projector_and_llm(tiny_base, tmp_path, monkeypatch):
+    """freeze_encoder=True (the Whisper tower): pretraining reads the encoder-output cache,
+    the exported tower is the input's bit for bit, the projector and the LLM change, and the
+    dev loss falls; a CTC weight, which would only train a tower, is refused."""
+    from experiments.training.train import pretrain
+    from qwen2_audio_vllm.checkpoint import read_weights
+
+    monkeypatch.setenv("Q2AP_CACHE", str(tmp_path / "cache"))
+    m = build_synthetic(tmp_path / "syn", SyntheticSpec(seed=8, train=24, dev=4, test=2, augment=0.0), workers=2)
+    out = tmp_path / "base"
+    s = TrainSettings(steps=6, batch_size=8, lr=3e-3, warmup=1, eval_every=3)
+    result = pretrain(tiny_base, read_manifest(m["train"]), read_manifest(m["dev"]), out, s, freeze_encoder=True)
+    assert result["freeze_encoder"] and result["history"][-1]["dev_loss"] < result["history"][0]["dev_loss"] + 1e-6
+    assert list((tmp_path / "cache" / "encoder").glob("tower-*/index.json"))  # the cache align reads too
+    before, after = read_weights(tiny_base), read_weights(out)
+    assert set(before) == set(after)
+    tower = [k for k in before if k.startswith("audio_tower.")]
+    assert tower and all(torch.equal(before[k], after[k]) for k in tower)
+    assert not torch.equal(before["multi_modal_projector.linear.weight"], after["multi_modal_projector.linear.weight"])
+    assert not torch.equal(before["language_model.lm_head.weight"], after["language_model.lm_head.weight"])
+    with pytest.raises(ValueError, match="ctc_weight=0.5 trains the encoder.*freeze_encoder"):
+        pretrain(tiny_base, read_manifest(m["train"]), read_manifest(m["dev"]), out, s, ctc_weight=0.5,
+                 freeze_encoder=True)

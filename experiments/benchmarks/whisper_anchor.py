@@ -30,11 +30,14 @@ from experiments.metrics import normalize_text, wer_cer, wer_difference
 def whisper_transcribe(rows: list[dict], threads: int = 0) -> list[dict]:
     """[{"hyp": str | None, "error": str | None}] for manifest rows, by Whisper tiny.en
     (faster-whisper, greedy). A clip that fails is recorded and the rest go on."""
+    import logging
+
     from faster_whisper import WhisperModel
 
     from experiments.data.audio import AudioError, load_audio
     from qwen2_audio_vllm.whisper_weights import model_bin
 
+    logging.getLogger("faster_whisper").setLevel(logging.WARNING)  # not a line per clip
     model = WhisperModel(str(model_bin("tiny.en").parent), device="cpu", compute_type="float32", cpu_threads=threads)
     out = []
     for row in tqdm(rows, desc="whisper tiny.en", unit="clip"):
