@@ -119,3 +119,18 @@ def test_anchor_transcribes_real_speech_and_records_a_bad_file(speech_clips, tmp
     assert m["n_failed"] == 1 and m["n_utts"] == 4
     assert m["wer"] < 0.5, [r["hyp"] for r in results]
     assert (tmp_path / "out" / "utterances.jsonl").read_text().count("\n") == 5
+
+
+def test_window_and_trimmed_frames_differ_only_through_the_padding(whisper_tower, length_sweep, tiny_base):
+    """tower_window's two kinds of frames: the same count per clip; equal for a clip that
+    fills the 30 s window (nothing to mask), different for a short one (Whisper's frames
+    attend to the padding when it is not masked)."""
+    from experiments.benchmarks.tower_window import frames_of
+    from qwen2_audio_vllm.checkpoint import load_processor
+
+    fe = load_processor(tiny_base).feature_extractor
+    clips = [length_sweep["2.3s"], length_sweep["30.0s"]]
+    trimmed, window = frames_of(whisper_tower, fe, clips, window=False), frames_of(whisper_tower, fe, clips, window=True)
+    assert [f.shape for f in trimmed] == [f.shape for f in window] == [(57, 384), (750, 384)]
+    assert torch.allclose(trimmed[1], window[1], atol=1e-3)
+    assert (trimmed[0] - window[0]).abs().max() > 0.1

@@ -7,7 +7,7 @@ Qwen2-Audio (and this fork's real-frames encoder, `qwen2_audio_vllm.encoder`) ma
 padding out of attention, and the fork also cuts it off. So the default base's tower
 (Whisper tiny.en, frozen) sees inputs of a kind it was never trained on. This measures what
 that costs: the same probe, a character CTC head on the frozen pooled frames (Linear ->
-BiGRU -> Linear over a-z, space and apostrophe, greedy decoding, no language model), is
+convolutions -> Linear over a-z, space and apostrophe, greedy decoding, no language model), is
 trained on `train` training clips and scored on the dev split (training voices, sentences
 never trained on), once on each kind of frames:
 
@@ -53,16 +53,20 @@ def frames_of(tower, fe, audios: list, window: bool, batch: int = 16) -> list[to
 
 
 class CtcProbe(torch.nn.Module):
-    """Frames (B, T, d) -> character log-probabilities (B, T, len(ALPHABET) + 1), blank last."""
+    """Frames (B, T, d) -> character log-probabilities (B, T, len(ALPHABET) + 1), blank last:
+    a per-frame MLP with two 5-frame convolutions (the encoder already gives each frame its
+    context; a convolution trains in seconds on 2 cores where a recurrent layer takes minutes)."""
 
-    def __init__(self, d: int, hidden: int = 128) -> None:
+    def __init__(self, d: int, hidden: int = 256) -> None:
         super().__init__()
-        self.inp = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, 2 * hidden), torch.nn.GELU())
-        self.rnn = torch.nn.GRU(2 * hidden, hidden, batch_first=True, bidirectional=True)
-        self.out = torch.nn.Linear(2 * hidden, len(ALPHABET) + 1)
+        self.inp = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, hidden), torch.nn.GELU())
+        self.conv = torch.nn.Sequential(torch.nn.Conv1d(hidden, hidden, 5, padding=2), torch.nn.GELU(),
+                                        torch.nn.Conv1d(hidden, hidden, 5, padding=2), torch.nn.GELU())
+        self.out = torch.nn.Linear(hidden, len(ALPHABET) + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.rnn(self.inp(x))[0]).log_softmax(-1)
+        h = self.inp(x)  # (B, T, hidden)
+        return self.out(self.conv(h.transpose(1, 2)).transpose(1, 2)).log_softmax(-1)
 
 
 def greedy(log_probs: torch.Tensor, length: int) -> str:
