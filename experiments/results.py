@@ -36,7 +36,8 @@ def _evaluate(name: str, split: str) -> Command:
 
 
 # entries run on another model's base than the default (tiny): name -> model config
-ENTRY_MODELS = {"small_base_wer": "small", "small_base_wer_noisy": "small"}
+ENTRY_MODELS = {"small_base_wer": "small", "small_base_wer_noisy": "small",
+                "scratch_base_wer": "tiny-scratch", "scratch_base_wer_noisy": "tiny-scratch"}
 
 
 def entries() -> dict[str, tuple[str, Command]]:
@@ -46,6 +47,10 @@ def entries() -> dict[str, tuple[str, Command]]:
         "base_wer": ("The testbed: base model WER/CER on the clean held-out split", _evaluate("base_wer", "test")),
         "base_wer_noisy": ("The testbed: base model WER/CER on the noisy held-out split (10 dB)",
                            _evaluate("base_wer_noisy", "test_noisy")),
+        "scratch_base_wer": ("The testbed: model=tiny-scratch's base WER/CER on the clean held-out split",
+                             _evaluate("scratch_base_wer", "test")),
+        "scratch_base_wer_noisy": ("The testbed: model=tiny-scratch's base WER/CER on the noisy held-out split (10 dB)",
+                                   _evaluate("scratch_base_wer_noisy", "test_noisy")),
         "small_base_wer": ("The testbed: model=small's base WER/CER on the clean held-out split",
                            _evaluate("small_base_wer", "test")),
         "small_base_wer_noisy": ("The testbed: model=small's base WER/CER on the noisy held-out split (10 dB)",
