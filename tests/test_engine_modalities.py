@@ -21,13 +21,14 @@ from qwen2_audio_vllm.checkpoint import load_model, load_processor, save_checkpo
 from qwen2_audio_vllm.derive import add_modalities
 from qwen2_audio_vllm.hf import STOP_TOKENS, clip_embeddings
 from qwen2_audio_vllm.modalities import modality_specs
+from qwen2_audio_vllm.tiny import TinySpec
 
 pytestmark = pytest.mark.engine
 
 SPECS = {
     "m1": {"in_dim": 768, "projector": {"name": "mlp", "stack": 2}},
     "m2": {"in_dim": 512, "projector": {"name": "linear"}},
-    "frames": {"in_dim": 128, "projector": {"name": "linear"}},  # the tiny encoder's width
+    "frames": {"in_dim": TinySpec().encoder_dim, "projector": {"name": "linear"}},  # the tiny encoder's width
 }
 PROMPT = (
     "<|im_start|>user\nAudio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n"

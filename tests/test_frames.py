@@ -31,8 +31,9 @@ def test_frames_give_the_same_output_as_audio(tiny_base, speech_clips, tmp_path)
         greedy = SamplingParams(max_tokens=10, temperature=0)
         from_audio = llm.generate([audio_request(prompt, a) for a in audios], greedy)
         from_frames = llm.generate([frames_request(prompt, f) for f in cached], greedy)
-        bad = torch.zeros(20, model.config.audio_config.d_model + 1)
-        with pytest.raises(ValueError, match=r"expected \(frames, 128\)"):
+        d = model.config.audio_config.d_model
+        bad = torch.zeros(20, d + 1)
+        with pytest.raises(ValueError, match=rf"expected \(frames, {d}\)"):
             llm.generate([frames_request(prompt, bad)], greedy)
         ok = llm.generate([frames_request(prompt, cached[0])], greedy)  # the engine survives
     finally:
