@@ -63,6 +63,14 @@ def transcribe(llm, rows: list[dict], max_tokens: int = MAX_TOKENS, batch: int =
     return results
 
 
+def wer_by_engine(rows: list[dict], hyps: list[str | None]) -> dict[str, dict]:
+    """{synthesis engine: wer_cer of its rows} for rows that name one ({} when none do)."""
+    engines = sorted({r["engine"] for r in rows if "engine" in r})
+    return {e: wer_cer([r["text"] for r in rows if r.get("engine") == e],
+                       [h for r, h in zip(rows, hyps, strict=True) if r.get("engine") == e])
+            for e in engines}
+
+
 def evaluate(llm, rows: list[dict], out_dir: Path, max_tokens: int = MAX_TOKENS) -> dict:
     """Transcribe `rows`, write utterances.jsonl into `out_dir`, return the metrics (with a
     per-engine breakdown, `by_engine`, where the rows name their synthesis engine)."""
@@ -82,13 +90,8 @@ def evaluate(llm, rows: list[dict], out_dir: Path, max_tokens: int = MAX_TOKENS)
             }) + "\n")
     tmp.replace(out_dir / "utterances.jsonl")
     metrics = wer_cer([r["text"] for r in rows], [r["hyp"] for r in results])
-    engines = sorted({r["engine"] for r in rows if "engine" in r})
-    if engines:
-        metrics["by_engine"] = {
-            e: wer_cer([r["text"] for r in rows if r.get("engine") == e],
-                       [h["hyp"] for r, h in zip(rows, results, strict=True) if r.get("engine") == e])
-            for e in engines
-        }
+    if by_engine := wer_by_engine(rows, [r["hyp"] for r in results]):
+        metrics["by_engine"] = by_engine
     metrics["eval_seconds"] = elapsed
     metrics["eval_audio_seconds"] = sum(r["duration"] for r in rows)
     return metrics

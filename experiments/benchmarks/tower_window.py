@@ -107,9 +107,10 @@ def main(cfg: DictConfig) -> None:
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
-    base = Path(cfg.checkpoint) if cfg.checkpoint else prepare.random_tiny_dir()
+    base = Path(cfg.checkpoint) if cfg.checkpoint else prepare.ensure_random_tiny()
     if not (base / "config.json").is_file():
-        base = prepare.ensure_random_tiny()
+        raise SystemExit(f"checkpoint={base} is not a checkpoint directory (no config.json); give one whose "
+                         "audio_tower to probe, or leave checkpoint unset for the default tiny checkpoint")
     manifests = prepare.ensure_synthetic()
     rows = {"train": read_manifest(manifests["train"])[: cfg.train], "dev": read_manifest(manifests["dev"])}
     tower = load_model(base).audio_tower.float().eval()

@@ -59,13 +59,10 @@ def scored(rows: list[dict], results: list[dict], out_dir: Path) -> dict:
             f.write(json.dumps({"audio_filepath": row["audio_filepath"], "ref": row["text"], "hyp": res["hyp"],
                                 "error": res["error"], "engine": row.get("engine"), "ref_norm": normalize_text(row["text"]),
                                 "hyp_norm": None if res["hyp"] is None else normalize_text(res["hyp"])}) + "\n")
-    refs, hyps = [r["text"] for r in rows], [r["hyp"] for r in results]
-    metrics = wer_cer(refs, hyps)
-    engines = sorted({r["engine"] for r in rows if "engine" in r})
-    metrics["by_engine"] = {e: wer_cer([r for r, row in zip(refs, rows, strict=True) if row.get("engine") == e],
-                                       [h for h, row in zip(hyps, rows, strict=True) if row.get("engine") == e])
-                            for e in engines}
-    return metrics
+    from experiments.evaluate import wer_by_engine
+
+    hyps = [r["hyp"] for r in results]
+    return wer_cer([r["text"] for r in rows], hyps) | {"by_engine": wer_by_engine(rows, hyps)}
 
 
 def anchor(ckpt: Path, manifests: dict[str, Path], out: Path, engine: dict, max_tokens: int, threads: int = 0) -> dict:
