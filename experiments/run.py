@@ -98,6 +98,7 @@ def align(cfg: DictConfig, state: dict) -> dict:
     from experiments.data import read_manifest
     from experiments.training.cache import load_or_build
     from experiments.training.train import align as train_align
+    from experiments.training.train import check_recipe
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
     base_dir, manifests = Path(state["base_dir"]), state["manifests"]
@@ -110,6 +111,7 @@ def align(cfg: DictConfig, state: dict) -> dict:
             f"the stages {list(cfg.stages)} need an aligned checkpoint, and none exists for this "
             f"config ({out}); add align to stages"
         )
+    check_recipe(base_dir, block, recipe)  # before minutes of encoder cache
 
     import torch
 
@@ -362,7 +364,8 @@ def recipe_label(recipe: dict, cfg: DictConfig) -> str | None:
         return None
     parts = [f"init={recipe['init']}"]
     if recipe.get("kd_teacher", "none") != "none":
-        parts.append(f"kd={recipe['kd_teacher']}(w{recipe['kd_weight']:g},T{recipe['kd_temperature']:g})")
+        teacher = Path(recipe["kd_checkpoint"]).name if recipe.get("kd_checkpoint") else recipe["kd_teacher"]
+        parts.append(f"kd={teacher}(w{recipe['kd_weight']:g},T{recipe['kd_temperature']:g})")
     if recipe.get("lora_rank"):
         parts.append(f"lora=r{recipe['lora_rank']}")
     if recipe.get("chunk_s"):

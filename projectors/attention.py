@@ -5,9 +5,17 @@
       --downsample="queries": q learned queries cross-attend to each window of w frames
         (window-level Q-Former)--> (B, ceil(T1/w)*q, width)
       --LayerNorm, Linear--> (B, T', out_dim)
+      [mean_shortcut (queries only): + Linear(mean of the window's real input frames),
+       the same for each of the window's q tokens]
 
 Token counts: ceil(T/k) frames after stacking (k=1: T); downsample="queries" then gives
 ceil(that/w) * q tokens, downsample="none" keeps it.
+
+A Q-Former is refused when its queries do not divide its window (q > w would add tokens; a
+w/q that is not whole would give no clean compression factor). `mean_shortcut` adds a
+linear path from each window's mean frame; `init_as_window_mean` starts it as the base's
+projection with the Q-Former's output at zero, so at step 0 the projector is window mean
+pooling followed by the base's connector (train.init=window_mean).
 """
 
 from __future__ import annotations
@@ -84,6 +92,7 @@ class AttentionProjector(Projector):
         stack: int = 1,
         window: int = 4,
         queries: int = 1,
+        mean_shortcut: bool = False,
     ) -> None:
         super().__init__(in_dim, out_dim)
         if downsample not in DOWNSAMPLE:
@@ -92,15 +101,28 @@ class AttentionProjector(Projector):
             raise ValueError(f"attention width ({width}) must be divisible by heads ({heads})")
         if window < 1 or queries < 1:
             raise ValueError(f"window and queries must be >= 1, got window={window}, queries={queries}")
+        if downsample == "queries" and (queries > window or window % queries):
+            raise ValueError(
+                f"attention queries={queries} do not divide window={window}: each query must summarise a whole "
+                "number of frames (queries <= window, window % queries == 0); e.g. window=8 queries=2 for 1/4 rate"
+            )
+        if mean_shortcut and downsample != "queries":
+            raise ValueError(f"attention mean_shortcut=true needs downsample=queries (a window to average), got {downsample!r}")
         self.width, self.layers, self.heads = width, layers, heads
         self.downsample, self.stack = downsample, check_stack(stack)
-        self.window, self.queries = window, queries
+        self.window, self.queries, self.mean_shortcut = window, queries, mean_shortcut
 
         self.input = nn.Linear(in_dim * self.stack, width)
         self.blocks = nn.ModuleList(SelfAttentionBlock(width, heads) for _ in range(layers))
         self.pool = WindowQueries(width, heads, window, queries) if downsample == "queries" else None
         self.norm = nn.LayerNorm(width)
         self.output = nn.Linear(width, out_dim)
+        self.mean_projection = nn.Linear(in_dim, out_dim) if mean_shortcut else None
+
+    @property
+    def frames_per_group(self) -> int:
+        """Input frames behind one group of output tokens: stack, or stack x window."""
+        return self.stack * (self.window if self.downsample == "queries" else 1)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         lengths = stacked_lengths(lengths, self.stack)
@@ -109,6 +131,7 @@ class AttentionProjector(Projector):
         return lengths
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        frames, frame_mask = x, mask
         x = self.input(stack_frames(x, mask, self.stack))  # (B, T1, width)
         mask = torch.arange(x.shape[1], device=x.device)[None, :] < stacked_lengths(
             mask.sum(-1), self.stack
@@ -117,4 +140,39 @@ class AttentionProjector(Projector):
             x = block(x, mask)
         if self.pool is not None:
             x = self.pool(x, mask)  # (B, ceil(T1/w)*q, width)
-        return self.output(self.norm(x))  # (B, T', out_dim)
+        y = self.output(self.norm(x))  # (B, T', out_dim)
+        if self.mean_projection is not None:
+            y = y + self.mean_projection(window_means(frames, frame_mask, self.frames_per_group)).repeat_interleave(
+                self.queries, dim=1)
+        return y
+
+    @torch.no_grad()
+    def init_as_window_mean(self, weight: torch.Tensor, bias: torch.Tensor) -> AttentionProjector:
+        """Start as window mean pooling followed by a stack-1 projection (weight (out_dim,
+        in_dim), bias (out_dim,), the base's connector): the shortcut takes the projection and
+        the Q-Former's output layer starts at zero, so every query of a window begins as
+        W mean(window's real frames) + b and the Q-Former learns what to add to it."""
+        if self.mean_projection is None:
+            raise ValueError("window-mean init needs the shortcut: projector.mean_shortcut=true (with downsample=queries)")
+        if weight.shape != (self.out_dim, self.in_dim) or bias.shape != (self.out_dim,):
+            raise ValueError(
+                f"window-mean init needs a stack-1 projection of weight ({self.out_dim}, {self.in_dim}) and bias "
+                f"({self.out_dim},), got {tuple(weight.shape)} and {tuple(bias.shape)}: the base checkpoint's "
+                "projector must be {'name': 'linear', 'stack': 1} at this model's dims"
+            )
+        self.mean_projection.weight.copy_(weight.to(self.mean_projection.weight))
+        self.mean_projection.bias.copy_(bias.to(self.mean_projection.bias))
+        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.output.bias)
+        return self
+
+
+def window_means(x: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, T, D) frames, (B, T) mask -> (B, ceil(T/size), D): the mean of each window's real
+    frames (a window without one gives zeros; its tokens are padding)."""
+    pad = (-x.shape[1]) % size
+    x, mask = F.pad(x * mask[..., None].to(x.dtype), (0, 0, 0, pad)), F.pad(mask, (0, pad))
+    B, T, D = x.shape
+    sums = x.reshape(B, T // size, size, D).sum(2)
+    counts = mask.reshape(B, T // size, size).sum(-1, keepdim=True).clamp(min=1)
+    return sums / counts.to(x.dtype)

@@ -46,6 +46,12 @@ class Projector(nn.Module):
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def frames_per_group(self) -> int:
+        """Input frames behind one group of output tokens (a stack's k). An item whose frame
+        count is a multiple of it ends on a whole group; otherwise its last token sees fewer frames."""
+        return getattr(self, "stack", 1)
+
     def output_mask(self, mask: torch.Tensor, num_rows: int) -> torch.Tensor:
         """(B, T) frame mask -> (B, num_rows) mask of the output rows that are real tokens."""
         out_len = self.output_lengths(mask.sum(-1))

@@ -52,7 +52,7 @@ def cases() -> list[tuple[str, dict]]:
         )
     out.append(("attn-none", dict(name="attention", downsample="none", **SMALL_ATTENTION)))
     for window in (1, 2, 4):
-        for queries in (1, 2):
+        for queries in (q for q in (1, 2) if q <= window):
             block = dict(
                 name="attention",
                 downsample="queries",
@@ -61,6 +61,9 @@ def cases() -> list[tuple[str, dict]]:
                 **SMALL_ATTENTION,
             )
             out.append((f"attn-queries-w{window}-q{queries}", block))
+    shortcut = dict(name="attention", downsample="queries", window=4, queries=2, mean_shortcut=True, **SMALL_ATTENTION)
+    out.append(("attn-queries-w4-q2-mean-shortcut", shortcut))
+    out.append(("attn-queries-s2-w2-q1-mean-shortcut", shortcut | dict(stack=2, window=2, queries=1)))
     return out
 
 
@@ -70,7 +73,7 @@ CASES = [pytest.param(block, id=name) for name, block in cases()]
 def expected_tokens(block: dict, frames: int) -> int:
     """The token-count rule of DESIGN.md, written out independently of the code under test."""
     if block.get("downsample") == "queries":
-        return math.ceil(frames / block["window"]) * block["queries"]
+        return math.ceil(math.ceil(frames / block.get("stack", 1)) / block["window"]) * block["queries"]
     return math.ceil(frames / block.get("stack", 1))
 
 
@@ -174,6 +177,32 @@ def test_mean_pool_init_is_mean_pooling_then_the_base_projection(stack):
         proj.init_as_mean_pool(proj.linear.weight, proj.linear.bias)
 
 
+@pytest.mark.parametrize(("stack", "window", "queries"), [(1, 8, 2), (2, 4, 1), (1, 4, 4)])
+def test_window_mean_init_is_window_mean_pooling_then_the_base_projection(stack, window, queries):
+    """init_as_window_mean: at step 0 every query of a window (stack x window frames) is the
+    base's stack-1 projection of the mean of that window's real frames, the last partial
+    window included (its mean over its real frames, not scaled)."""
+    base = LinearProjector(IN_DIM, OUT_DIM)
+    block = dict(name="attention", downsample="queries", stack=stack, window=window, queries=queries,
+                 mean_shortcut=True, **SMALL_ATTENTION)
+    proj = make(block).init_as_window_mean(base.linear.weight, base.linear.bias)
+    group = stack * window
+    lengths = [2 * group + 3, group]
+    x, mask = padded_batch(lengths)
+    with torch.no_grad():
+        out = proj(x, mask)
+        for i, n in enumerate(lengths):
+            for w in range(math.ceil(n / group)):
+                mean = x[i, w * group : min(n, (w + 1) * group)].mean(0)
+                for q in range(queries):
+                    torch.testing.assert_close(out[i, w * queries + q], base.linear(mean))
+    plain = make({k: v for k, v in block.items() if k != "mean_shortcut"})
+    with pytest.raises(ValueError, match="needs the shortcut: projector.mean_shortcut=true"):
+        plain.init_as_window_mean(base.linear.weight, base.linear.bias)
+    with pytest.raises(ValueError, match=r"weight \(24, 16\).*projector must be \{'name': 'linear', 'stack': 1\}"):
+        proj.init_as_window_mean(base.linear.weight.T, base.linear.bias)
+
+
 BUILDER_BLOCKS = [
     dict(name="linear", stack=2),
     dict(name="mlp", stack=4, hidden_dim=20, depth=3, activation="swiglu", pre_norm=True),
@@ -221,6 +250,9 @@ def test_block_dims_must_match_base_model(key):
         (dict(name="mlp", activation="relu"), r"mlp activation must be one of \('gelu', 'swiglu'\), got 'relu'"),
         (dict(name="attention", downsample="stack"), r"downsample must be one of \('none', 'queries'\), got 'stack'"),
         (dict(name="attention", width=30, heads=4), r"width \(30\) must be divisible by heads \(4\)"),
+        (dict(name="attention", downsample="queries", window=8, queries=3), r"queries=3 do not divide window=8"),
+        (dict(name="attention", downsample="queries", window=1, queries=2), r"queries=2 do not divide window=1"),
+        (dict(name="attention", mean_shortcut=True), r"mean_shortcut=true needs downsample=queries.*got 'none'"),
     ],
     ids=[
         "unknown-kwarg",
@@ -229,6 +261,9 @@ def test_block_dims_must_match_base_model(key):
         "activation",
         "downsample-unknown",
         "width-heads",
+        "queries-not-dividing-window",
+        "more-queries-than-frames",
+        "shortcut-without-windows",
     ],
 )
 def test_bad_hyperparameters_raise_value_error(block, message):

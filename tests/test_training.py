@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -93,11 +94,11 @@ def test_align_trains_only_the_projector(tiny_base, rows, tmp_path):
 def test_mean_pool_init_starts_from_the_base_projector(tiny_base):
     """train.init=mean_pool: a stack-4 linear built on the base projects real encoder frames
     exactly as the base's linear does their 4-frame means; other projectors are refused."""
-    from experiments.training.train import _mean_pool_init
+    from experiments.training.train import _init_from_base
 
     base = load_model(tiny_base)
     model = load_model(tiny_base, projector={"name": "linear", "stack": 4}, load_projector=False)
-    _mean_pool_init(model.multi_modal_projector, tiny_base)
+    _init_from_base(model.multi_modal_projector, tiny_base, "mean_pool")
     frames = torch.randn(1, 40, base.config.audio_config.d_model)
     mask = torch.ones(1, 40, dtype=torch.bool)
     with torch.no_grad():
@@ -105,4 +106,70 @@ def test_mean_pool_init_starts_from_the_base_projector(tiny_base):
         torch.testing.assert_close(model.multi_modal_projector(frames, mask), pooled)
     mlp = load_model(tiny_base, projector={"name": "mlp", "stack": 4}, load_projector=False)
     with pytest.raises(ValueError, match="train.init=mean_pool.*MLPProjector.*projector.stack=K"):
-        _mean_pool_init(mlp.multi_modal_projector, tiny_base)
+        _init_from_base(mlp.multi_modal_projector, tiny_base, "mean_pool")
+
+
+def test_align_recipes_that_cannot_work_are_refused_before_training(tiny_base, tmp_path):
+    """check_recipe names both values: chunks that end on a partial token group, an init the
+    projector cannot take, a KD teacher with another vocabulary, LLM width or tower."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from experiments.data import tokenizer_corpus
+    from experiments.training.train import AlignRecipe, check_recipe
+    from qwen2_audio_vllm.tiny import TinySpec, build_tiny_checkpoint
+
+    stack4 = {"name": "linear", "stack": 4}
+    with pytest.raises(ValueError, match=r"chunk_s=1.0 gives chunks of 25 encoder frames, not a multiple of the "
+                                         r"projector's 4 frames.*multiple of 0.16 s"):
+        check_recipe(tiny_base, stack4, AlignRecipe(chunk_s=1.0))
+    check_recipe(tiny_base, stack4, AlignRecipe(chunk_s=0.96))  # 24 frames: six whole groups
+    with pytest.raises(ValueError, match=r"train.init=window_mean cannot start the projector .*'linear'.*mean_shortcut=true"):
+        check_recipe(tiny_base, stack4, AlignRecipe(init="window_mean"))
+    qformer = {"name": "attention", "downsample": "queries", "window": 8, "queries": 2}
+    with pytest.raises(ValueError, match=r"train.init=window_mean cannot start"):
+        check_recipe(tiny_base, qformer, AlignRecipe(init="window_mean"))
+    check_recipe(tiny_base, qformer | {"mean_shortcut": True}, AlignRecipe(init="window_mean"))
+
+    spec = TinySpec(encoder_weights=None)
+    kd = AlignRecipe(kd_teacher="base", kd_checkpoint=str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="is not a checkpoint directory"):
+        check_recipe(tiny_base, stack4, kd)
+    other_vocab = build_tiny_checkpoint(tmp_path / "vocab", tokenizer_corpus(), replace(spec, vocab_size=700))
+    with pytest.raises(ValueError, match=r"teacher's vocabulary \(text_config.vocab_size\) is 700, the student's 1000"):
+        check_recipe(tiny_base, stack4, replace(kd, kd_checkpoint=str(other_vocab)))
+    wider = build_tiny_checkpoint(tmp_path / "wide", tokenizer_corpus(), replace(spec, text_dim=192, text_heads=3))
+    with pytest.raises(ValueError, match=r"teacher's LLM width \(text_config.hidden_size\) is 192, the student's 128"):
+        check_recipe(tiny_base, stack4, replace(kd, kd_checkpoint=str(wider)))
+    other_tower = tmp_path / "tower"
+    shutil.copytree(tiny_base, other_tower)
+    weights = load_file(other_tower / "model.safetensors")
+    weights["audio_tower.layer_norm.bias"] = weights["audio_tower.layer_norm.bias"] + 1
+    save_file(weights, other_tower / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="its audio tower's weights differ from the base's"):
+        check_recipe(tiny_base, stack4, replace(kd, kd_checkpoint=str(other_tower)))
+    with pytest.raises(ValueError, match="needs train.kd.teacher=base or whole, got 'text'"):
+        AlignRecipe(kd_teacher="text", kd_checkpoint=str(tiny_base))
+
+
+def test_align_window_mean_qformer_and_a_checkpoint_teacher(tiny_base, rows, tmp_path):
+    """A Q-Former started as window means, distilled from a teacher checkpoint (here the
+    base itself, loaded as its own model): the first dev loss is the window-mean-pooled
+    base's, the run trains and exports a checkpoint whose Q-Former keeps its shortcut."""
+    from experiments.training.train import AlignRecipe
+
+    model, processor = load_model(tiny_base), load_processor(tiny_base)
+    train, dev = rows
+    tf, _ = load_or_build(model, processor, train, tmp_path / "c_train")
+    df, _ = load_or_build(model, processor, dev, tmp_path / "c_dev")
+    block = {"name": "attention", "downsample": "queries", "window": 8, "queries": 2, "mean_shortcut": True,
+             "width": 64, "layers": 1, "heads": 2}
+    s = TrainSettings(steps=8, batch_size=8, lr=3e-3, warmup=2, eval_every=4)
+    recipe = AlignRecipe(init="window_mean", kd_teacher="base", kd_checkpoint=str(tiny_base))
+    out = tmp_path / "aligned"
+    result = align(tiny_base, block, (tf, [r["text"] for r in train]), (df, [r["text"] for r in dev]), out, s, recipe)
+    assert len(result["history"]) == 2 and result["recipe"]["kd_checkpoint"] == str(tiny_base)
+    saved = json.loads((out / "config.json").read_text())["projector"]
+    assert saved["mean_shortcut"] is True and saved["window"] == 8
+    assert "multi_modal_projector.mean_projection.weight" in load_file(out / "model.safetensors")

@@ -271,7 +271,7 @@ def mean_loss(loss_on: LossFn, n: int, batch_size: int) -> float:
 
 
 CTC_UNITS = ("tokens", "chars")
-ALIGN_INITS = ("random", "base", "mean_pool")
+ALIGN_INITS = ("random", "base", "mean_pool", "window_mean")
 KD_TEACHERS = ("none", "base", "text", "whole")
 
 
@@ -279,14 +279,19 @@ KD_TEACHERS = ("none", "base", "text", "whole")
 class AlignRecipe:
     """How the align stage trains beyond its schedule (conf/train/align.yaml: init, kd, lora).
 
-    init (ALIGN_INITS): the projector's starting weights.
+    init (ALIGN_INITS): the projector's starting weights (mean_pool: a linear stack-k as mean
+      pooling + the base's projection; window_mean: a Q-Former with mean_shortcut as window
+      means + the base's projection).
     kd_teacher (KD_TEACHERS): distillation beside the LM loss, on the transcript's tokens:
       base: the base checkpoint (its full-rate projector, the same frozen LLM) on the same
       audio; text: the frozen LLM reading the transcript as text in the audio's place
       (Ultravox, DiVA). Loss = LM + kd_weight * T^2 * KL(teacher_T || student_T), summed
       per token like the LM loss. whole: the base checkpoint on the whole clip as one item,
       teaching a chunked student (chunk_s) what the whole-utterance model predicts; needs the
-      whole clips' frames (align's teacher_frames).
+      whole clips' frames (align's teacher_frames). kd_checkpoint: for base and whole, another
+      checkpoint than the base as the teacher (e.g. the aligned full-rate baseline with its
+      LoRA merged): its own projector and LLM, over the same tower (check_recipe refuses a
+      teacher whose tower, dims or vocabulary differ from the student's).
     lora_rank > 0: LoRA adapters (lora_alpha, on the LLM's Linears named in lora_targets)
       train with the projector and are merged into the exported LLM weights.
     chunk_s: align for streaming (experiments/serving/streaming.py): every clip is cut into
@@ -297,6 +302,7 @@ class AlignRecipe:
     kd_teacher: str = "none"
     kd_weight: float = 1.0
     kd_temperature: float = 1.0
+    kd_checkpoint: str | None = None
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
@@ -309,6 +315,9 @@ class AlignRecipe:
             raise ValueError(f"train.kd.teacher={self.kd_teacher!r}; expected one of {KD_TEACHERS}")
         if self.kd_temperature <= 0 or self.kd_weight < 0:
             raise ValueError(f"train.kd needs temperature > 0 and weight >= 0; got {self.kd_temperature}, {self.kd_weight}")
+        if self.kd_checkpoint is not None and self.kd_teacher not in ("base", "whole"):
+            raise ValueError(f"train.kd.checkpoint={self.kd_checkpoint!r} names an audio teacher; it needs "
+                             f"train.kd.teacher=base or whole, got {self.kd_teacher!r}")
         if self.chunk_s is not None and self.chunk_s < 0.1:
             raise ValueError(f"train.chunk_s={self.chunk_s}: chunks must be at least 0.1 s (or null: whole clips)")
 
@@ -318,7 +327,7 @@ class AlignRecipe:
         kd, lora = kd or {}, lora or {}
         return cls(
             init=init, kd_teacher=kd.get("teacher", "none"), kd_weight=kd.get("weight", 1.0),
-            kd_temperature=kd.get("temperature", 1.0), lora_rank=lora.get("rank", 0),
+            kd_temperature=kd.get("temperature", 1.0), kd_checkpoint=kd.get("checkpoint"), lora_rank=lora.get("rank", 0),
             lora_alpha=lora.get("alpha", 16.0), lora_targets=tuple(lora.get("targets", cls.lora_targets)),
             chunk_s=chunk_s,
         )
@@ -329,11 +338,68 @@ class AlignRecipe:
         out = {}
         if self.kd_teacher != "none":
             out["kd"] = [self.kd_teacher, self.kd_weight, self.kd_temperature]
+            if self.kd_checkpoint is not None:
+                out["kd"].append(self.kd_checkpoint)
         if self.lora_rank:
             out["lora"] = [self.lora_rank, self.lora_alpha, list(self.lora_targets)]
         if self.chunk_s is not None:
             out["chunk_s"] = self.chunk_s
         return out
+
+
+def check_recipe(base_dir: Path, projector: dict, recipe: AlignRecipe) -> None:
+    """Refuse, before any cache is built or step taken, an align run that cannot work as
+    asked, naming both values: an init the projector cannot take, chunks (recipe.chunk_s)
+    that do not end on a whole group of the projector's frames, a KD teacher checkpoint
+    whose tower, dims or vocabulary differ from the student's."""
+    from projectors import AttentionProjector, LinearProjector, build_projector
+    from qwen2_audio_vllm.checkpoint import load_config
+    from qwen2_audio_vllm.encoder import output_lengths as encoder_lengths
+
+    config = load_config(base_dir)
+    with torch.device("meta"):
+        proj = build_projector(projector, config.audio_config.d_model, config.text_config.hidden_size)
+    needs = {"mean_pool": (LinearProjector, "projector=linear projector.stack=K"),
+             "window_mean": (AttentionProjector, "projector=attention_qformer projector.mean_shortcut=true")}
+    if recipe.init in needs and not (isinstance(proj, needs[recipe.init][0])
+                                     and (recipe.init != "window_mean" or proj.mean_shortcut)):
+        raise ValueError(f"train.init={recipe.init} cannot start the projector {projector}; use "
+                         f"{needs[recipe.init][1]}, or train.init=auto")
+    if recipe.chunk_s is not None:
+        samples = recipe.chunk_s * 16000
+        frames = int(encoder_lengths(torch.tensor([int(samples) // 160]))[1])
+        if samples != int(samples) or frames % proj.frames_per_group:
+            raise ValueError(
+                f"train.chunk_s={recipe.chunk_s} gives chunks of {frames} encoder frames, not a multiple of the "
+                f"projector's {proj.frames_per_group} frames per token group, so every chunk would end on a partial "
+                f"group; choose chunk_s as a multiple of {proj.frames_per_group / 25:g} s"
+            )
+    if recipe.kd_checkpoint is not None:
+        _check_teacher(base_dir, Path(recipe.kd_checkpoint))
+
+
+def _check_teacher(base_dir: Path, teacher_dir: Path) -> None:
+    from qwen2_audio_vllm.checkpoint import load_config, load_processor, read_weights
+
+    if not (teacher_dir / "config.json").is_file():
+        raise ValueError(f"train.kd.checkpoint={teacher_dir} is not a checkpoint directory (no config.json)")
+    student, teacher = load_config(base_dir), load_config(teacher_dir)
+    pairs = {
+        "vocabulary (text_config.vocab_size)": (student.text_config.vocab_size, teacher.text_config.vocab_size),
+        "tokenizer size": (len(load_processor(base_dir).tokenizer), len(load_processor(teacher_dir).tokenizer)),
+        "LLM width (text_config.hidden_size)": (student.text_config.hidden_size, teacher.text_config.hidden_size),
+        "tower width (audio_config.d_model)": (student.audio_config.d_model, teacher.audio_config.d_model),
+    }
+    for what, (s, t) in pairs.items():
+        if s != t:
+            raise ValueError(f"train.kd.checkpoint={teacher_dir}: the teacher's {what} is {t}, the student's {s}; "
+                             "distillation compares the two models' token distributions over the same frames, "
+                             "so the teacher must share the student's tokenizer, LLM width and audio tower")
+    prefix = "audio_tower."
+    ours, theirs = read_weights(base_dir, only_prefix=prefix), read_weights(teacher_dir, only_prefix=prefix)
+    if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
+        raise ValueError(f"train.kd.checkpoint={teacher_dir}: its audio tower's weights differ from the base's "
+                         f"({base_dir}); the teacher reads the base tower's cached frames, so it must share that tower")
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -491,6 +557,7 @@ def align(
     from experiments.training.lora import adapters_off, add_lora
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
+    check_recipe(base_dir, projector, recipe)
     place = trainer.placement()
     torch.manual_seed(s.seed)
     if recipe.kd_teacher == "whole" and (teacher_frames is None or len(teacher_frames) != len(train[0])):
@@ -501,8 +568,8 @@ def align(
                          "run without torchrun or set train.lora.rank=0")
     model = load_model(base_dir, projector=projector, load_projector=recipe.init == "base", device=place.device, dtype=place.dtype)
     processor = load_processor(base_dir)
-    if recipe.init == "mean_pool":
-        _mean_pool_init(model.multi_modal_projector, base_dir)
+    if recipe.init in ("mean_pool", "window_mean"):
+        _init_from_base(model.multi_modal_projector, base_dir, recipe.init)
     model.requires_grad_(False)
     proj = model.multi_modal_projector.float().requires_grad_(True)  # float32 master weights
     adapters, trained = None, proj
@@ -514,6 +581,10 @@ def align(
     run = devices.data_parallel(proj, place)
     batcher = TextBatcher(processor.tokenizer, model.audio_token_id)
     teacher_projector = _base_projector(base_dir, place.device) if recipe.kd_teacher in ("base", "whole") else None
+    teacher_model = None  # the teacher's own projector and LLM, when it is another checkpoint than the base
+    if recipe.kd_checkpoint is not None:
+        teacher_model = load_model(recipe.kd_checkpoint, device=place.device, dtype=place.dtype).requires_grad_(False).eval()
+        teacher_projector = teacher_model.multi_modal_projector.float()
 
     def teacher_logits(x: torch.Tensor, lengths: torch.Tensor, texts: list[str], per_row: list[int],
                        idx: list[int]) -> torch.Tensor:
@@ -525,7 +596,7 @@ def align(
                 x, per_row = x.to(place.device, torch.float32), [1] * len(idx)
             audio = model.project(x, lengths, projector=teacher_projector)
             batch = batcher(texts, _grouped([a.shape[0] for a in audio], per_row))
-            return model.labelled_logits(audio_embeds=audio, **_on(batch, place.device))[0]
+            return (teacher_model or model).labelled_logits(audio_embeds=audio, **_on(batch, place.device))[0]
 
     def loss_for(frames: list, texts: list[str], train_mode: bool) -> LossFn:
         def loss_on(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -583,21 +654,24 @@ def _base_projector(base_dir: Path, device: torch.device) -> torch.nn.Module:
     return proj.float().to(device).requires_grad_(False).eval()
 
 
-def _mean_pool_init(proj: torch.nn.Module, base_dir: Path) -> None:
-    """The stack-k linear `proj` from the base checkpoint's stack-1 linear projector."""
-    from projectors import LinearProjector
+def _init_from_base(proj: torch.nn.Module, base_dir: Path, init: str) -> None:
+    """`proj` from the base checkpoint's stack-1 linear projector: a stack-k linear as mean
+    pooling (init mean_pool), a Q-Former with its mean shortcut as window means (window_mean)."""
+    from projectors import AttentionProjector, LinearProjector
     from qwen2_audio_vllm.checkpoint import load_config, read_weights
 
     base_block = load_config(base_dir).projector
-    if not isinstance(proj, LinearProjector) or base_block.get("name") != "linear" or base_block.get("stack", 1) != 1:
+    kind = {"mean_pool": LinearProjector, "window_mean": AttentionProjector}[init]
+    if not isinstance(proj, kind) or base_block.get("name") != "linear" or base_block.get("stack", 1) != 1:
         raise ValueError(
-            f"train.init=mean_pool starts a linear stack-k projector from a base whose projector is linear at "
-            f"stack 1; here the projector is {type(proj).__name__} and the base's {base_block}. "
-            "Use projector=linear projector.stack=K, or train.init=auto"
+            f"train.init={init} starts a {kind.__name__} from a base whose projector is linear at stack 1; here the "
+            f"projector is {type(proj).__name__} and the base's {base_block}. Use projector=linear projector.stack=K "
+            "(mean_pool) or projector=attention_qformer projector.mean_shortcut=true (window_mean), or train.init=auto"
         )
     prefix = "multi_modal_projector.linear."
     w = read_weights(base_dir, only_prefix=prefix)
-    proj.init_as_mean_pool(w[prefix + "weight"], w[prefix + "bias"])
+    start = proj.init_as_mean_pool if init == "mean_pool" else proj.init_as_window_mean
+    start(w[prefix + "weight"], w[prefix + "bias"])
 
 
 def _budget(trainer: TrainerSettings) -> int | None:
