@@ -248,34 +248,97 @@ def _pareto_panel(ax, rows: list[dict[str, Any]], x: str, y: str) -> None:
 
 
 COMPARISON_COLUMNS = (
-    "name", "recipe", "audio_tokens_per_s", "wer", "wer_ci_low", "wer_ci_high", "wer_noisy", "wer_ci_low_noisy",
-    "wer_ci_high_noisy", "throughput_ratio_vs_linear", "throughput_ratio_min", "throughput_ratio_max",
-    "projector_params", "best_dev_loss", "align_seconds_per_step",
+    "name", "recipe", "audio_tokens_per_s", "wer", "wer_ci_low", "wer_ci_high", "wer_delta", "wer_delta_ci_low",
+    "wer_delta_ci_high", "wer_noisy", "wer_ci_low_noisy", "wer_ci_high_noisy", "wer_delta_noisy",
+    "wer_delta_ci_low_noisy", "wer_delta_ci_high_noisy", "throughput_ratio_vs_linear", "throughput_ratio_min",
+    "throughput_ratio_max", "projector_params", "best_dev_loss", "align_seconds_per_step",
 )
+# Published operating points of speech-LLM connectors over pretrained encoders (audio tokens
+# per second into the LLM), marked on the compression plot's rate axis.
+ANCHOR_RATES = {
+    "Qwen2-Audio (25 Hz, 2x pool)": 25.0,
+    "SLAM-LLM (k=5 on Whisper's 50 Hz)": 10.0,
+    "Ultravox (stack 8 on Whisper's 50 Hz)": 6.25,
+    "Zipformer-LLM (4x on 25 Hz)": 6.25,
+}
+
+
+def utterance_hyps(run_dir: str | Path, split: str = "test") -> dict[str, tuple[str, str]] | None:
+    """{audio file: (reference, hypothesis)} of a run's evaluate stage on `split` (test or
+    test_noisy), from its results.json; a failed request counts as an empty hypothesis.
+    None when the run has no such evaluation."""
+    results = Path(run_dir) / "results.json"
+    if not results.is_file():
+        return None
+    ev = json.loads(results.read_text()).get("stages", {}).get("evaluate", {})
+    path = (ev if split == "test" else ev.get(split, {})).get("utterances")
+    if not path or not Path(path).is_file():
+        return None
+    with open(path) as f:
+        lines = [json.loads(line) for line in f]
+    return {u["audio_filepath"]: (u["ref"], u["hyp"] or "") for u in lines}
+
+
+def paired_deltas(row: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
+    """`row`'s WER minus `baseline`'s on the same clips (metrics.wer_difference: a paired
+    bootstrap CI), clean and noisy, as wer_delta[_noisy] and their CI columns. Splits either
+    run lacks, or whose clips differ, are left out."""
+    from experiments.metrics import wer_difference
+
+    out: dict[str, float] = {}
+    for split, suffix in (("test", ""), ("test_noisy", "_noisy")):
+        a, b = utterance_hyps(row.get("run_dir", ""), split), utterance_hyps(baseline.get("run_dir", ""), split)
+        if not a or not b or a.keys() != b.keys():
+            continue
+        clips = sorted(a)
+        d = wer_difference([a[c][0] for c in clips], [a[c][1] for c in clips], [b[c][1] for c in clips])
+        out |= {f"wer_delta{suffix}": d["wer_delta"], f"wer_delta_ci_low{suffix}": d["wer_delta_ci_low"],
+                f"wer_delta_ci_high{suffix}": d["wer_delta_ci_high"]}
+    return out
+
+
+def _point_label(row: dict[str, Any]) -> str:
+    """A point's name on the plot: the projector plus what its recipe adds beyond LoRA."""
+    recipe = str(row.get("recipe") or "")
+    extras = [w.split("(")[0] for w in recipe.split() if w.startswith(("kd=", "init=window_mean", "init=random"))]
+    return " ".join([str(row.get("name", "?")), *extras])
 
 
 def write_comparison(rows: list[dict[str, Any]], prefix: Path) -> tuple[Path, Path]:
-    """`<prefix>.md` (a table) and `<prefix>.png` (WER against audio tokens/s and against
-    the req/s ratio, Pareto fronts marked) from the latest row of each (model, data, name)
-    in `rows`, ordered by tokens/s, most first: what `experiment=compression` reports."""
+    """`<prefix>.md` (a table) and `<prefix>.png` (clean and noisy WER against audio tokens/s,
+    Pareto fronts, the anchors' rates marked) from the latest row of each (model, data,
+    name, recipe) in `rows`, ordered by tokens/s, most first: what `experiment=compression`
+    reports. Each row's WER is also given as a paired difference to the latest linear
+    stack-1 row (the equal-recipe baseline) on the same clips."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     latest: dict[tuple, dict[str, Any]] = {}
     for row in rows:
-        latest[tuple(row.get(k) for k in ("model", "data", "name"))] = row
+        latest[tuple(row.get(k) for k in ("model", "data", "name", "recipe"))] = dict(row)
     table = sorted(latest.values(), key=lambda r: -float(_number(r.get("audio_tokens_per_s")) or 0))
+    baselines = {(r.get("model"), r.get("data")): r for r in rows if r.get("name") == BASELINE}
+    for row in table:
+        if (base := baselines.get((row.get("model"), row.get("data")))) is not None:
+            row |= paired_deltas(row, base)
     prefix = Path(prefix)
     _write_text_atomic(prefix.with_suffix(".md"), _markdown_rows(list(COMPARISON_COLUMNS), table))
-    fig = Figure(figsize=(12, 4.5), dpi=120)
+    fig = Figure(figsize=(12, 4.8), dpi=120)
     FigureCanvasAgg(fig)
-    for ax, x in zip(fig.subplots(1, 2), ("audio_tokens_per_s", "throughput_ratio_vs_linear"), strict=True):
-        points = [r for r in table if all(isinstance(_number(r.get(k)), int | float) for k in (x, "wer"))]
+    for ax, (suffix, split) in zip(fig.subplots(1, 2), (("", "clean"), ("_noisy", "10 dB noise")), strict=True):
+        points = [r | {"wer": r.get(f"wer{suffix}"), "wer_ci_low": r.get(f"wer_ci_low{suffix}"),
+                       "wer_ci_high": r.get(f"wer_ci_high{suffix}"), "name": _point_label(r) if r.get("name") != BASELINE
+                       else BASELINE} for r in table]
+        points = [r for r in points if all(isinstance(_number(r.get(k)), int | float) for k in ("audio_tokens_per_s", "wer"))]
         if points:
-            _pareto_panel(ax, points, x, "wer")
-        better = "higher" if x != "audio_tokens_per_s" else "lower"
-        ax.set_xlabel(f"{x} ({better} is better)")
-        ax.set_ylabel("wer, clean held-out (lower is better)")
+            _pareto_panel(ax, points, "audio_tokens_per_s", "wer")
+        for i, (anchor, rate) in enumerate(ANCHOR_RATES.items()):
+            ax.axvline(rate, color="0.5", linestyle="--", linewidth=0.8)
+            ax.annotate(anchor, (rate, 1), xycoords=("data", "axes fraction"), xytext=(2, -10 - 10 * i),
+                        textcoords="offset points", fontsize=6, color="0.35", rotation=0)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("audio tokens per second into the LLM (lower is cheaper); dashed: published connectors")
+        ax.set_ylabel(f"WER, {split} held-out (lower is better)")
         ax.grid(alpha=0.3)
     fig.suptitle(" / ".join(sorted({f"{r.get('model')} / {r.get('data')}" for r in table})), fontsize=10)
     fig.tight_layout()

@@ -24,6 +24,7 @@ APPS = {  # module -> its config in conf/apps/
     "experiments.benchmarks.cost_split": "cost_split",
     "experiments.benchmarks.whisper_anchor": "whisper_anchor",
     "experiments.benchmarks.tower_window": "tower_window",
+    "experiments.benchmarks.compression_speed": "compression_speed",
     "experiments.serving.client": "client",
     "experiments.serving.long_form": "long_form",
     "experiments.serving.streaming": "streaming",

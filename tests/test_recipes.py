@@ -137,17 +137,25 @@ def test_recipe_rejects_unknown_settings():
     assert AlignRecipe(lora_rank=8).beyond_init() == {"lora": [8, 16.0, ["q_proj", "v_proj"]]}
 
 
+QFORMER_MEAN = {"name": "attention", "downsample": "queries", "window": 8, "queries": 2, "mean_shortcut": True,
+                "width": 64, "layers": 1, "heads": 2}
+
+
 @pytest.mark.engine
-def test_vllm_serves_the_lora_merged_checkpoint_as_the_twin_does(tiny_base, data, tmp_path, speech_clips):
-    """Plain vLLM (the fork, no LoRA support asked for) loads the merged export and decodes
-    what the HF twin decodes from it."""
+@pytest.mark.parametrize(("block", "recipe"), [
+    (STACK4, AlignRecipe(init="mean_pool", lora_rank=4, lora_alpha=8)),
+    (QFORMER_MEAN, AlignRecipe(init="window_mean", kd_teacher="base", lora_rank=4, lora_alpha=8)),
+], ids=["stack4-lora", "qformer-window-mean-kd-lora"])
+def test_vllm_serves_the_lora_merged_checkpoint_as_the_twin_does(tiny_base, data, tmp_path, speech_clips, block, recipe):
+    """Plain vLLM (the fork, no LoRA support asked for) loads the merged export (a stack-4
+    linear; a Q-Former with its window-mean shortcut) and decodes what the HF twin decodes."""
     from vllm import SamplingParams
 
     from experiments.serving.engine import audio_request, chat_prompt, close_llm, make_llm
     from qwen2_audio_vllm.hf import greedy_transcribe
 
     out = tmp_path / "lora"
-    align(tiny_base, STACK4, data["train"], data["dev"], out, STEPS, AlignRecipe(init="mean_pool", lora_rank=4, lora_alpha=8))
+    align(tiny_base, block, data["train"], data["dev"], out, STEPS, recipe)
     model, processor = load_model(out), load_processor(out)
     prompt = chat_prompt(processor.tokenizer)
     audios = [a for _, a, _ in speech_clips][:4]

@@ -80,20 +80,52 @@ def test_pareto_front():
     assert pareto_front([(25.0, 0.10), (6.25, 0.10), (3.1, 0.20), (12.5, 0.09)], higher_x=False) == [1, 2, 3]
 
 
-def test_write_comparison_keeps_each_projectors_latest_run(tmp_path):
-    """experiment=compression's table and plot: one row per projector (its latest run),
-    most audio tokens first, and two panels (tokens/s and req/s ratio) with the baseline."""
-    row = lambda name, tps, wer, ratio: {  # noqa: E731
+def _run_with_hyps(run_dir: Path, refs: list[str], hyps: dict[str, list[str | None]]) -> str:
+    """A run directory as experiments.run leaves it: results.json naming the evaluate
+    stage's utterances.jsonl files (clean, and test_noisy)."""
+    run_dir.mkdir(parents=True)
+    paths = {}
+    for split, split_hyps in hyps.items():
+        path = run_dir / f"{split}.jsonl"
+        path.write_text("".join(json.dumps({"audio_filepath": f"clip{i}.wav", "ref": r, "hyp": h}) + "\n"
+                                for i, (r, h) in enumerate(zip(refs, split_hyps, strict=True))))
+        paths[split] = str(path)
+    evaluate = {"utterances": paths["test"]} | ({"test_noisy": {"utterances": paths["test_noisy"]}}
+                                                 if "test_noisy" in paths else {})
+    (run_dir / "results.json").write_text(json.dumps({"stages": {"evaluate": evaluate}}))
+    return str(run_dir)
+
+
+def test_write_comparison_keeps_each_points_latest_run_and_pairs_it_with_the_baseline(tmp_path):
+    """experiment=compression's table and plot: one row per projector and recipe (its latest
+    run), most audio tokens first, each WER also as the paired difference to the baseline on
+    the same clips (clean and noisy; a failed request is an empty hypothesis)."""
+    refs = ["open the red door", "david has a blue car", "the pigs ran"]  # 12 words
+    base_dir = _run_with_hyps(tmp_path / "base", refs, {"test": refs, "test_noisy": ["open the red door", None, "the pigs ran"]})
+    s4_dir = _run_with_hyps(tmp_path / "s4", refs, {"test": ["open a red door", "david has a blue car", "the pigs"],
+                                                    "test_noisy": refs})
+    row = lambda name, tps, wer, recipe, run_dir="": {  # noqa: E731
         "name": name, "model": "tiny", "data": "synthetic", "audio_tokens_per_s": tps, "wer": wer,
-        "throughput_ratio_vs_linear": ratio, "recipe": "init=mean_pool kd=base",
+        "wer_noisy": wer + 0.1, "recipe": recipe, "run_dir": run_dir,
     }
-    rows = [row("linear", 25.0, 0.30, 1.0), row("linear-stack4", 6.25, 0.50, 1.2),
-            row("linear-stack4", 6.25, 0.40, 1.3), row("attention-q2w8", 6.25, 0.45, "")]
+    rows = [row("linear", 25.0, 0.30, "init=base lora=r8", base_dir), row("linear-stack4", 6.25, 0.50, "init=mean_pool lora=r8"),
+            row("linear-stack4", 6.25, 0.40, "init=mean_pool lora=r8", s4_dir),
+            row("linear-stack4", 6.25, 0.45, "init=mean_pool kd=base(w1,T1) lora=r8"),
+            row("attention-q2w8", 6.25, 0.45, "init=window_mean lora=r8")]
     md, png = write_comparison(rows, tmp_path / "compression")
     lines = md.read_text().splitlines()
-    assert lines[0].startswith("| name | recipe | audio_tokens_per_s | wer |")
-    assert [line.split(" | ")[0] for line in lines[2:]] == ["| linear", "| linear-stack4", "| attention-q2w8"]
-    assert "| 0.4 |" in lines[3]  # the rerun's WER, not the first run's
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:7] == ["name", "recipe", "audio_tokens_per_s", "wer", "wer_ci_low", "wer_ci_high", "wer_delta"]
+    table = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
+    assert [(r["name"], r["recipe"].split()[1]) for r in table] == [
+        ("linear", "lora=r8"), ("linear-stack4", "lora=r8"), ("linear-stack4", "kd=base(w1,T1)"), ("attention-q2w8", "lora=r8")]
+    assert table[1]["wer"] == "0.4"  # the rerun's WER, not the first run's
+    # clean: stack 4 makes 2 errors in 12 words (a substitution, a deletion), the baseline none
+    assert float(table[1]["wer_delta"]) == pytest.approx(2 / 12, abs=1e-3)
+    assert float(table[1]["wer_delta_ci_low"]) <= 2 / 12 <= float(table[1]["wer_delta_ci_high"])
+    # noisy: the baseline's failed request is 5 deleted words, stack 4 has none
+    assert float(table[1]["wer_delta_noisy"]) == pytest.approx(-5 / 12, abs=1e-3)
+    assert float(table[0]["wer_delta"]) == 0.0 and table[2]["wer_delta"] in ("", "-")  # no utterances: no pair
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

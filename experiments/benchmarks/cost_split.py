@@ -21,6 +21,7 @@ share is close to 7B's; this benchmark shows both ways:
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from pathlib import Path
@@ -57,13 +58,15 @@ def llm_flops(d: TinySpec, prefill: int, generated: int, cached: int = 0) -> flo
                  + 4 * d.text_layers * (end**2 - cached**2) * d.text_dim)
 
 
-def flops(d: TinySpec, clip_s: float, text_tokens_per_s: float, padded: bool) -> dict[str, float]:
+def flops(d: TinySpec, clip_s: float, text_tokens_per_s: float, padded: bool, frames_per_token: int = 1) -> dict[str, float]:
     """FLOPs of one request (forward only): encoder over the clip (or the 30 s window when
-    `padded`), LLM prefill + decode. Multiply-add = 2 FLOPs."""
+    `padded`), LLM prefill (the prompt and ceil(25 clip_s / frames_per_token) audio tokens:
+    a stack-k projector's count) + decode. Multiply-add = 2 FLOPs."""
     positions = d.chunk_length * POSITIONS_PER_S if padded else round(clip_s * POSITIONS_PER_S)
     generated = max(1, round(clip_s * text_tokens_per_s)) + 1  # + <|im_end|>
-    prefill = PROMPT_TOKENS + round(clip_s * TOKENS_PER_S)
-    return {"encoder": encoder_flops(d, positions), "llm": llm_flops(d, prefill, generated)}
+    prefill = PROMPT_TOKENS + math.ceil(round(clip_s * TOKENS_PER_S) / frames_per_token)
+    return {"encoder": encoder_flops(d, positions), "llm": llm_flops(d, prefill, generated),
+            "llm_prefill": llm_flops(d, prefill, 0)}
 
 
 def flops_split(d: TinySpec, lengths_s: list[float], text_tokens_per_s: float) -> dict[str, dict]:
