@@ -66,6 +66,13 @@ def entries() -> dict[str, tuple[str, Command]]:
         "sweep": ("Results: projector sweep", lambda out, base, m: [
             *PY, "experiments.run", "-m", "projector=linear,mlp,attention", "projector.stack=1,4",
             f"results_dir={out / 'sweep'}", f"hydra.sweep.dir={out / 'sweep' / 'runs'}"]),
+        "compression": ("Fewer audio tokens: the compression comparison (paired WER vs the baseline, Pareto plot)",
+                        lambda out, base, m: [*PY, "experiments.run", "-m", "experiment=compression",
+                                              f"results_dir={out / 'compression'}",
+                                              f"hydra.sweep.dir={out / 'compression' / 'runs'}"]),
+        "compression_speed": ("Fewer audio tokens: req/s and TTFT on a model with 7B's cost split, 7B prefill FLOPs",
+                              lambda out, base, m: [*PY, "experiments.benchmarks.compression_speed",
+                                                    f"hydra.run.dir={out / 'compression_speed'}"]),
         "fork": ("Results: fork vs upstream", lambda out, base, m: [
             *PY, "experiments.benchmarks.fork", f"hydra.run.dir={out / 'fork'}"]),
         "cache": ("Results: encoder-output cache", lambda out, base, m: [
