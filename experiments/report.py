@@ -337,7 +337,7 @@ def write_comparison(rows: list[dict[str, Any]], prefix: Path) -> tuple[Path, Pa
             ax.annotate(anchor, (rate, 1), xycoords=("data", "axes fraction"), xytext=(2, -10 - 10 * i),
                         textcoords="offset points", fontsize=6, color="0.35", rotation=0)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("audio tokens per second into the LLM (lower is cheaper); dashed: published connectors")
+        ax.set_xlabel("audio tokens/s into the LLM (lower is cheaper)\ndashed: published connectors' rates")
         ax.set_ylabel(f"WER, {split} held-out (lower is better)")
         ax.grid(alpha=0.3)
     fig.suptitle(" / ".join(sorted({f"{r.get('model')} / {r.get('data')}" for r in table})), fontsize=10)
