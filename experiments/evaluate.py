@@ -2,12 +2,14 @@
 the checkpoint's projector) and score WER/CER with 95 % bootstrap intervals. The `evaluate`
 stage of experiments.run calls the same function; on its own it is a Hydra app:
 
-    python -m experiments.evaluate checkpoint=DIR data.manifest=FILE [data.limit=N] [max_tokens=32]
+    python -m experiments.evaluate checkpoint=DIR data.manifest=FILE [data.limit=N] [max_tokens=32] [timestamps=true]
 
 A manifest is JSONL with audio_filepath, duration, text per line. Results go to the run
 directory (outputs/evaluate/<date>/<time>/): metrics.json, and utterances.jsonl with one line
 per utterance (reference, hypothesis, normalised forms, or the error that stopped it); a bad
-clip is recorded and the evaluation goes on.
+clip is recorded and the evaluation goes on. `timestamps=true` adds each transcript's word
+times (`words: [{word, start, end, score}]`, or an empty list and `words_reason`), from the
+checkpoint's alignment head (experiments/timestamps.py; trained once per tower if missing).
 """
 
 from __future__ import annotations
@@ -71,12 +73,32 @@ def wer_by_engine(rows: list[dict], hyps: list[str | None]) -> dict[str, dict]:
             for e in engines}
 
 
-def evaluate(llm, rows: list[dict], out_dir: Path, max_tokens: int = MAX_TOKENS) -> dict:
+def word_times(aligner, rows: list[dict], results: list[dict]) -> dict:
+    """Add each result's word times (`words`, `words_reason`) from `aligner`
+    (experiments.timestamps.Aligner); return what it did: clips aligned, seconds, reasons."""
+    t0 = time.perf_counter()
+    reasons: dict[str, int] = {}
+    for row, res in zip(tqdm(rows, desc="timestamps", unit="clip"), results, strict=True):
+        try:
+            got = aligner.words(load_audio(row["audio_filepath"]), res["hyp"])
+        except AudioError as err:
+            got = {"words": [], "reason": f"audio: {err}"}
+        res["words"], res["words_reason"] = got["words"], got["reason"]
+        if got["reason"]:
+            key = got["reason"].split(":")[0].split(" (")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+    return {"aligned": sum(1 for r in results if r["words"]), "clips": len(rows), "failed": reasons,
+            "seconds": time.perf_counter() - t0}
+
+
+def evaluate(llm, rows: list[dict], out_dir: Path, max_tokens: int = MAX_TOKENS, aligner=None) -> dict:
     """Transcribe `rows`, write utterances.jsonl into `out_dir`, return the metrics (with a
-    per-engine breakdown, `by_engine`, where the rows name their synthesis engine)."""
+    per-engine breakdown, `by_engine`, where the rows name their synthesis engine). With an
+    `aligner`, each utterance also gets its word times."""
     t0 = time.perf_counter()
     results = transcribe(llm, rows, max_tokens)
     elapsed = time.perf_counter() - t0
+    timing = word_times(aligner, rows, results) if aligner is not None else None
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "utterances.jsonl.tmp"
     with open(tmp, "w") as f:
@@ -87,6 +109,7 @@ def evaluate(llm, rows: list[dict], out_dir: Path, max_tokens: int = MAX_TOKENS)
                 **{k: row[k] for k in ("engine", "voice", "augment") if k in row},
                 "ref_norm": normalize_text(row["text"]),
                 "hyp_norm": None if res["hyp"] is None else normalize_text(res["hyp"]),
+                **({"words": res["words"], "words_reason": res["words_reason"]} if timing else {}),
             }) + "\n")
     tmp.replace(out_dir / "utterances.jsonl")
     metrics = wer_cer([r["text"] for r in rows], [r["hyp"] for r in results])
@@ -94,24 +117,34 @@ def evaluate(llm, rows: list[dict], out_dir: Path, max_tokens: int = MAX_TOKENS)
         metrics["by_engine"] = by_engine
     metrics["eval_seconds"] = elapsed
     metrics["eval_audio_seconds"] = sum(r["duration"] for r in rows)
+    if timing:
+        metrics["timestamps"] = timing
     return metrics
 
 
 def evaluate_checkpoint(ckpt: Path, rows: list[dict], out_dir: Path, engine_overrides: dict[str, Any],
-                        max_tokens: int = MAX_TOKENS, more: dict[str, list[dict]] | None = None) -> dict:
+                        max_tokens: int = MAX_TOKENS, more: dict[str, list[dict]] | None = None,
+                        timestamps: bool = False) -> dict:
     """Start an engine on `ckpt` (validated first), evaluate `rows`, stop it; metrics.json and
     utterances.jsonl land in `out_dir`. Returns the metrics with the utterances path.
 
     more: further test sets ({name: rows}, e.g. test_noisy) scored on the same engine into
-    out_dir/<name>/; their metrics are returned (and stored) under their names."""
+    out_dir/<name>/; their metrics are returned (and stored) under their names.
+    timestamps: word times for every utterance (the checkpoint's alignment head, or the one
+    cached for its tower, trained first if there is none)."""
     from experiments.report import write_json_atomic
     from experiments.serving.engine import close_llm, make_llm
 
+    aligner = None
+    if timestamps:  # before the engine starts: a missing head is trained without vLLM holding memory
+        from experiments.timestamps import Aligner, ensure_head
+
+        aligner = Aligner(ckpt, ensure_head(ckpt))
     llm = make_llm(ckpt, **engine_overrides)
     try:
-        metrics = evaluate(llm, rows, out_dir, max_tokens)
+        metrics = evaluate(llm, rows, out_dir, max_tokens, aligner)
         for name, extra in (more or {}).items():
-            metrics[name] = evaluate(llm, extra, out_dir / name, max_tokens)
+            metrics[name] = evaluate(llm, extra, out_dir / name, max_tokens, aligner)
             metrics[name]["utterances"] = str(out_dir / name / "utterances.jsonl")
     finally:
         close_llm(llm)
@@ -137,10 +170,15 @@ def main(cfg: DictConfig) -> None:
     rows = read_manifest(manifest)[: cfg.data.limit or None]
     quiet_vllm(cfg.verbose)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    m = evaluate_checkpoint(ckpt, rows, out_dir, OmegaConf.to_container(cfg.engine, resolve=True), cfg.max_tokens)
+    m = evaluate_checkpoint(ckpt, rows, out_dir, OmegaConf.to_container(cfg.engine, resolve=True), cfg.max_tokens,
+                            timestamps=cfg.timestamps)
     print(f"{ckpt} on {manifest} ({m['n_utts']} utterances, {m['n_failed']} failed): "
           f"WER {m['wer']:.2%} [{m['wer_ci_low']:.2%}, {m['wer_ci_high']:.2%}], "
           f"CER {m['cer']:.2%} [{m['cer_ci_low']:.2%}, {m['cer_ci_high']:.2%}] -> {out_dir}")
+    if cfg.timestamps:
+        t = m["timestamps"]
+        print(f"word times for {t['aligned']} of {t['clips']} utterances (utterances.jsonl: words); "
+              f"not aligned: {t['failed'] or 'none'}")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ def entries() -> dict[str, tuple[str, Command]]:
         "whisper_anchor": ("The testbed: Whisper tiny.en itself beside the base, paired", lambda out, base, m: [
             *PY, "experiments.benchmarks.whisper_anchor", f"checkpoint={base}", "splits=[test,test_noisy]",
             f"hydra.run.dir={out / 'whisper_anchor'}"]),
+        "timestamps": ("Word timestamps: boundary error against festival's word times, beside Whisper tiny.en",
+                       lambda out, base, m: [*PY, "experiments.benchmarks.timestamps", f"checkpoint={base}",
+                                             f"hydra.run.dir={out / 'timestamps'}"]),
         "tower_window": ("The testbed: Whisper's tower over real frames vs its 30 s window (dev WER, CTC probe)",
                          lambda out, base, m: [*PY, "experiments.benchmarks.tower_window",
                                                f"hydra.run.dir={out / 'tower_window'}"]),

@@ -2,6 +2,7 @@
 
     python -m experiments.serving.client base_url=http://127.0.0.1:8000/v1 audio=asset:open_the_red_door
     python -m experiments.serving.client audio=path/to/clip.wav 'prompt="Transcribe the audio."'
+    python -m experiments.serving.client audio=clip.wav timestamps=true [checkpoint=DIR]   # + word times
     python -m experiments.serving.client mode=simulation manifest=test.jsonl requests=200 concurrency=8 [rate=4]
     python -m experiments.serving.client mode=realtime manifest=test.jsonl requests=20 [stream.chunk_s=1.0]
 
@@ -11,6 +12,11 @@ or `asset:<name>` for the clips bundled in experiments/assets/. Responses are st
 each request's time to first token (TTFT) is measured. Each request has a timeout and is
 retried with exponential backoff on connection errors and 5xx/429; 4xx is final. A failed
 request is recorded and never stops the simulation.
+
+`timestamps=true` (mode=single) prints the transcript's word times after it: the served
+checkpoint's alignment head aligns the returned text to the clip on the client's machine
+(`served_word_times`; vLLM's response carries text only). The checkpoint is the served
+model's name when it was served as `vllm serve DIR`, else `checkpoint=DIR`.
 
 `mode=realtime` plays each clip as a live caller would (experiments/serving/streaming.py):
 its chunks become available at real-time pace, and after each one the client sends the
@@ -77,6 +83,23 @@ def audio_seconds(source: str) -> float:
         return sf.info(str(path)).duration
     except Exception:  # unreadable or missing: reported by audio_url / the server
         return 0.0
+
+
+def served_word_times(ckpt: str | Path, source: str, text: str) -> dict:
+    """Word times of a served transcript: the served checkpoint's alignment head (its
+    `alignment/` block, or the one cached for its tower) aligns `text` to the audio, here
+    beside the client. `vllm serve` returns text only: the times are not part of the response."""
+    from experiments.data.audio import load_audio
+    from experiments.timestamps import Aligner, ensure_head
+
+    if source.startswith(URL_PREFIXES):
+        raise ValueError(f"timestamps need the audio on this machine; {source[:40]!r} is a URL: give a file or asset:<name>")
+    ckpt = Path(ckpt)
+    if not (ckpt / "config.json").is_file():
+        raise ValueError(f"timestamps need the served checkpoint's directory on this machine; {ckpt} is not one: "
+                         "pass checkpoint=DIR (the directory given to `vllm serve`)")
+    path = ASSETS / f"{source[6:]}.wav" if source.startswith("asset:") else Path(source)
+    return Aligner(ckpt, ensure_head(ckpt)).words(load_audio(path), text)
 
 
 def messages(url: str, prompt: str) -> list[dict]:
@@ -291,6 +314,9 @@ def main(cfg: DictConfig) -> None:
             async with AsyncOpenAI(base_url=cfg.base_url, api_key="EMPTY") as client:
                 record, text = await request(client, model, cfg.audio, cfg.prompt or TRANSCRIBE_PROMPT, cfg.max_tokens)
             print(text if record.ok else f"request failed: {record.error}")
+            if cfg.timestamps and record.ok:
+                # `vllm serve DIR` names the model by its directory: the default checkpoint
+                print(json.dumps(served_word_times(cfg.checkpoint or model, cfg.audio, text)))
             return
         if cfg.mode == "realtime":
             from experiments.serving.streaming import StreamSettings

@@ -10,10 +10,14 @@
 
     python -m experiments.serving.long_form files=[a.wav,b.wav] [model=DIR] [strategy=segments|whole]
     python -m experiments.serving.long_form demo=true   # 75 s of known test utterances, both strategies
+    python -m experiments.serving.long_form files=[a.wav] timestamps=true [subtitles=srt|vtt]
 
 `demo=true` builds 75 s clips from held-out synthetic test utterances separated by pauses,
 transcribes them through vLLM with the default tiny base (built by `experiments.run`'s prepare
 stage if missing) and reports WER for both strategies, written to outputs/long_form/. The
+`timestamps=true` also writes each file's word times (<stem>.words.json) and subtitles
+(<stem>.srt or .vtt) into the run directory: each transcribed piece is aligned to its own
+audio by the checkpoint's alignment head (experiments/timestamps.py). The
 same measurement for any aligned variant is the optional `long_form` stage of
 `experiments.run` (stages=[...,long_form,report]).
 """
@@ -91,6 +95,13 @@ def transcribe_long(llm, audios: list[np.ndarray], strategy: str = "segments", m
     """One transcript per clip (16 kHz float arrays) through a `vllm.LLM`. `segments`:
     `max_tokens` per segment, all segments of all clips in one batch; `whole`: `max_tokens`
     for the clip."""
+    return [" ".join(t for _, _, t in pieces if t) for pieces in transcribe_pieces(llm, audios, strategy, max_tokens, max_s)]
+
+
+def transcribe_pieces(llm, audios: list[np.ndarray], strategy: str = "segments", max_tokens: int = 32,
+                      max_s: float = 30.0) -> list[list[tuple[int, int, str]]]:
+    """Per clip, its transcribed pieces in order: (start sample, end sample, text); one piece
+    (the whole clip) for `whole`."""
     from vllm import SamplingParams
 
     from experiments.serving.engine import audio_request, chat_prompt
@@ -98,19 +109,34 @@ def transcribe_long(llm, audios: list[np.ndarray], strategy: str = "segments", m
     prompt = chat_prompt(llm.get_tokenizer())
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     if strategy == "whole":
-        return [o.outputs[0].text.strip() for o in llm.generate([audio_request(prompt, a) for a in audios], params, use_tqdm=False)]
+        outs = llm.generate([audio_request(prompt, a) for a in audios], params, use_tqdm=False)
+        return [[(0, len(a), o.outputs[0].text.strip())] for a, o in zip(audios, outs, strict=True)]
     if strategy != "segments":
         raise ValueError(f"unknown strategy {strategy!r}; expected 'segments' or 'whole'")
-    owner, requests = [], []
+    owner, spans, requests = [], [], []
     for i, audio in enumerate(audios):
         for start, end in pause_segments(audio, max_s=max_s):
             owner.append(i)
+            spans.append((start, end))
             requests.append(audio_request(prompt, audio[start:end]))
     outs = llm.generate(requests, params, use_tqdm=False) if requests else []
-    texts: list[list[str]] = [[] for _ in audios]
-    for i, out in zip(owner, outs, strict=True):
-        texts[i].append(out.outputs[0].text.strip())
-    return [" ".join(t for t in parts if t) for parts in texts]
+    pieces: list[list[tuple[int, int, str]]] = [[] for _ in audios]
+    for i, (start, end), out in zip(owner, spans, outs, strict=True):
+        pieces[i].append((start, end, out.outputs[0].text.strip()))
+    return pieces
+
+
+def piece_words(aligner, audio: np.ndarray, pieces: list[tuple[int, int, str]], sr: int = SAMPLE_RATE) -> dict:
+    """Word times of a long clip from its transcribed pieces (each aligned to its own audio
+    and shifted to the clip's time line); reasons of the pieces that could not be aligned."""
+    words, reasons = [], []
+    for start, end, text in pieces:
+        got = aligner.words(audio[start:end], text, offset_s=start / sr)
+        words += got["words"]
+        if got["reason"] and text:
+            reasons.append(f"{start / sr:.2f}-{end / sr:.2f} s: {got['reason']}")
+    return {"words": words, "reason": None if words else "; ".join(reasons) or "no speech transcribed",
+            "pieces_not_aligned": reasons}
 
 
 def demo_clips(rows: list[dict], seconds: float, n_clips: int, seed: int = 0) -> list[tuple[np.ndarray, list[dict]]]:
@@ -196,6 +222,8 @@ def long_form_eval(ckpt: Path, rows: list[dict], seconds: float, n_clips: int, o
 
 @hydra.main(config_path="../../conf/apps", config_name="long_form", version_base=None)
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     from experiments.data import prepare
 
     if cfg.strategy not in ("segments", "whole"):
@@ -221,14 +249,32 @@ def main(cfg: DictConfig) -> None:
     audios = [load_audio(f) for f in files]
     if cfg.strategy == "whole":
         model = with_windows(model, max(len(a) for a in audios), Path("outputs/long_form"))
+    aligner = None
+    if cfg.timestamps:  # before the engine: a missing alignment head is trained first
+        from experiments.timestamps import Aligner, ensure_head
+
+        aligner = Aligner(model, ensure_head(model))
+        if cfg.subtitles not in ("srt", "vtt"):
+            raise SystemExit(f"subtitles={cfg.subtitles}: expected srt or vtt")
     llm = make_llm(model, max_model_len=engine_len(model))
     try:
         max_tokens = cfg.max_tokens or (32 if cfg.strategy == "segments" else 256)
-        for f, text in zip(files, transcribe_long(llm, audios, cfg.strategy, max_tokens), strict=True):
-            print(f"{f}\t{text}")
+        transcribed = transcribe_pieces(llm, audios, cfg.strategy, max_tokens)
     finally:
         close_llm(llm)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    for f, audio, pieces in zip(files, audios, transcribed, strict=True):
+        print(f"{f}\t{' '.join(t for _, _, t in pieces if t)}")
+        if aligner is None:
+            continue
+        from experiments.report import write_json_atomic
+        from experiments.timestamps import subtitles
 
+        got = piece_words(aligner, audio, pieces)
+        write_json_atomic(out_dir / f"{f.stem}.words.json", got)
+        (out_dir / f"{f.stem}.{cfg.subtitles}").write_text(subtitles(got["words"], cfg.subtitles))
+        print(f"  {len(got['words'])} words timed -> {out_dir / f'{f.stem}.{cfg.subtitles}'}"
+              + (f" (not aligned: {got['reason'] or got['pieces_not_aligned']})" if got["pieces_not_aligned"] or got["reason"] else ""))
 
 if __name__ == "__main__":
     main()

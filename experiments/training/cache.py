@@ -44,8 +44,13 @@ def encoder_frames(model: Qwen2AudioSwap, fe, audios: list[np.ndarray]) -> list[
 
 
 def tower_hash(model: Qwen2AudioSwap) -> str:
+    return weights_hash(model.audio_tower)
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """sha256 (16 hex) over a module's weights by name, in float32."""
     h = hashlib.sha256()
-    for name, t in sorted(model.audio_tower.state_dict().items()):
+    for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]

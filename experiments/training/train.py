@@ -259,6 +259,19 @@ def export_best(
             raise ValueError("merging LoRA adapters needs the base checkpoint's tensors (frozen_from)")
         weights |= merged_weights(model.language_model, "language_model.", like=weights)
     save_checkpoint(model, processor, out_dir, weights=weights)
+    if frozen_from is not None:
+        copy_alignment_head(frozen_from, out_dir)
+
+
+def copy_alignment_head(base_dir: Path, out_dir: Path) -> None:
+    """The base's word-timestamp head (experiments/timestamps.py) reads the tower alone, which
+    align never trains: the exported checkpoint carries it on."""
+    import shutil
+
+    from experiments.timestamps import HEAD_DIR
+
+    if (base_dir / HEAD_DIR / "config.json").is_file():
+        shutil.copytree(base_dir / HEAD_DIR, out_dir / HEAD_DIR, dirs_exist_ok=True)
 
 
 def mean_loss(loss_on: LossFn, n: int, batch_size: int) -> float:
