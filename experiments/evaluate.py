@@ -31,8 +31,8 @@ MAX_TOKENS = 64  # open-vocabulary sentences of up to 11 words take ~30 BPE toke
 
 def transcribe(llm, rows: list[dict], max_tokens: int = MAX_TOKENS, batch: int = 64) -> list[dict]:
     """Greedy transcripts for manifest rows: [{"hyp": str | None, "error": str | None,
-    "output_tokens": int}]. A batch that fails is retried clip by clip so one bad request
-    costs only itself."""
+    "output_tokens": int}]. A row's `hotwords` list (if any) goes with its request. A batch
+    that fails is retried clip by clip so one bad request costs only itself."""
     from vllm import SamplingParams
 
     from experiments.serving.engine import audio_request, chat_prompt
@@ -43,7 +43,7 @@ def transcribe(llm, rows: list[dict], max_tokens: int = MAX_TOKENS, batch: int =
     requests: list[tuple[int, dict]] = []
     for i, row in enumerate(rows):
         try:
-            requests.append((i, audio_request(prompt, load_audio(row["audio_filepath"]))))
+            requests.append((i, audio_request(prompt, load_audio(row["audio_filepath"]), row.get("hotwords"))))
         except AudioError as err:
             results[i] = {"hyp": None, "error": str(err), "output_tokens": 0}
 

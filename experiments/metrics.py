@@ -258,3 +258,37 @@ def format_table(columns: dict[str, dict[str, Any]], keys: list[str] | None = No
         + "|"
     )
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def biased_wer(refs: list[str], hyps: list[str | None], lists: list[list[str]]) -> dict[str, float | int]:
+    """Contextual-biasing WERs: overall WER, B-WER over reference words in the utterance's
+    bias list (substitutions and deletions of them, plus insertions of list words) and U-WER
+    over the other words (Le et al. 2021). Texts and list words are normalised as WER is; a
+    failed utterance (hyp None) counts as all deleted."""
+    import jiwer
+
+    b_err = u_err = b_n = u_n = 0
+    for ref, hyp, words in zip(refs, hyps, lists, strict=True):
+        bias = {normalize_text(w) for w in words}
+        r = normalize_text(ref).split()
+        h = normalize_text(hyp).split() if hyp is not None else []
+        b_n += sum(w in bias for w in r)
+        u_n += sum(w not in bias for w in r)
+        if not r:
+            u_err += len(h)
+            continue
+        if not h:
+            b_err += sum(w in bias for w in r)
+            u_err += sum(w not in bias for w in r)
+            continue
+        for chunk in jiwer.process_words(" ".join(r), " ".join(h)).alignments[0]:
+            if chunk.type == "equal":
+                continue
+            if chunk.type == "insert":
+                for w in h[chunk.hyp_start_idx : chunk.hyp_end_idx]:
+                    b_err, u_err = (b_err + 1, u_err) if w in bias else (b_err, u_err + 1)
+                continue
+            for w in r[chunk.ref_start_idx : chunk.ref_end_idx]:  # substitute or delete
+                b_err, u_err = (b_err + 1, u_err) if w in bias else (b_err, u_err + 1)
+    return {"wer": _ratio(b_err + u_err, b_n + u_n), "b_wer": _ratio(b_err, b_n), "u_wer": _ratio(u_err, u_n),
+            "bias_words": b_n, "other_words": u_n, "b_errors": b_err, "u_errors": u_err}

@@ -61,6 +61,8 @@ def entries() -> dict[str, tuple[str, Command]]:
         "timestamps": ("Word timestamps: boundary error against festival's word times, beside Whisper tiny.en",
                        lambda out, base, m: [*PY, "experiments.benchmarks.timestamps", f"checkpoint={base}",
                                              f"hydra.run.dir={out / 'timestamps'}"]),
+        "hotwords": ("Hotword biasing: B-WER / U-WER against list size, beside Whisper tiny.en's hotwords=",
+                     lambda out, base, m: [*PY, "experiments.benchmarks.hotwords", f"hydra.run.dir={out / 'hotwords'}"]),
         "tower_window": ("The testbed: Whisper's tower over real frames vs its 30 s window (dev WER, CTC probe)",
                          lambda out, base, m: [*PY, "experiments.benchmarks.tower_window",
                                                f"hydra.run.dir={out / 'tower_window'}"]),

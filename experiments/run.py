@@ -81,10 +81,10 @@ def align_output(cfg: DictConfig, state: dict) -> tuple[dict, Any, Any, Path]:
     block = projector_block(cfg, Path(state["base_dir"]))
     train = OmegaConf.to_container(cfg.train, resolve=True)
     init, kd, lora = train.pop("init", "auto"), train.pop("kd", None), train.pop("lora", None)
-    chunk_s = train.pop("chunk_s", None)
+    chunk_s, hotwords = train.pop("chunk_s", None), train.pop("hotwords", None)
     if init == "auto":
         init = "base" if block == load_config(state["base_dir"]).projector else "random"
-    recipe = AlignRecipe.from_config(init, kd, lora, chunk_s)
+    recipe = AlignRecipe.from_config(init, kd, lora, chunk_s, hotwords)
     settings = TrainSettings(**train, seed=cfg.seed)
     m = state["manifests"]
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -370,6 +370,8 @@ def recipe_label(recipe: dict, cfg: DictConfig) -> str | None:
         parts.append(f"lora=r{recipe['lora_rank']}")
     if recipe.get("chunk_s"):
         parts.append(f"chunks={recipe['chunk_s']:g}s")
+    if recipe.get("hotwords_p"):
+        parts.append(f"hotwords=p{recipe['hotwords_p']:g}/n{recipe['hotwords_max_distractors']}")
     return " ".join([*parts, f"lr={cfg.train.lr:g}", f"steps={cfg.train.steps}"])
 
 

@@ -25,6 +25,7 @@ not match the transcript), the result is an empty list with the reason, never in
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ import torch
 from tqdm import tqdm
 
 from experiments.training.cache import weights_hash
+
+logging.getLogger("ctc_segmentation").setLevel(logging.WARNING)  # not a line per clip
 
 ALPHABET = " 'abcdefghijklmnopqrstuvwxyz"  # normalised transcripts: lower case, no other punctuation
 HEAD_DIR = "alignment"

@@ -30,14 +30,14 @@ IGNORE = -100  # label of positions that carry no loss (prompt, audio, padding)
 
 
 def expand_audio_placeholders(
-    input_ids: list[int], n_tokens: list[int], audio_token_id: int
+    input_ids: list[int], n_tokens: list[int], audio_token_id: int, prefix: list[int] | None = None
 ) -> list[int]:
     """Replace the i-th single <|AUDIO|> of a prompt with n_tokens[i] copies, as vLLM's
-    processor does."""
+    processor does; `prefix` (hotword tokens, qwen2_audio_vllm/hotwords.py) goes before each."""
     out, i = [], 0
     for t in input_ids:
         if t == audio_token_id:
-            out += [audio_token_id] * int(n_tokens[i])
+            out += (prefix or []) + [audio_token_id] * int(n_tokens[i])
             i += 1
         else:
             out.append(t)
@@ -208,13 +208,18 @@ def clip_embeddings(model: Qwen2AudioSwap, processor, audios: list) -> list[torc
 
 @torch.no_grad()
 def greedy_transcribe(
-    model: Qwen2AudioSwap, processor, audios: list, prompt: str | Callable[[int], str], max_new_tokens: int = 32
+    model: Qwen2AudioSwap, processor, audios: list, prompt: str | Callable[[int], str], max_new_tokens: int = 32,
+    hotwords: list[str] | None = None,
 ) -> tuple[list[list[int]], list[int]]:
     """HF reference decoding of one prompt per entry of `audios`: a 16 kHz float array (one
     audio item), or a list of them (several items, e.g. a stream's chunks, each encoded on
     its own and placed at its own <|AUDIO|>, as vLLM does with several audios per prompt).
     `prompt`: the prompt text, or a function of the entry's item count giving it.
+    hotwords: a hotword list for every entry, placed as vLLM's processor places it.
     Returns (new token ids per entry, audio placeholder count per entry)."""
+    from qwen2_audio_vllm.hotwords import hotword_ids
+
+    prefix = hotword_ids(processor.tokenizer, hotwords) if hotwords is not None else None
     items = [list(a) if isinstance(a, (list, tuple)) else [a] for a in audios]
     flat = clip_embeddings(model, processor, [x for entry in items for x in entry])
     per_item = [e.shape[0] for e in flat]
@@ -223,7 +228,7 @@ def greedy_transcribe(
     for a, b in zip(ends[:-1], ends[1:], strict=True):
         text = prompt(int(b - a)) if callable(prompt) else prompt
         ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-        rows.append(expand_audio_placeholders(ids, per_item[a:b], model.audio_token_id))
+        rows.append(expand_audio_placeholders(ids, per_item[a:b], model.audio_token_id, prefix))
     width = max(map(len, rows))
     pad = processor.tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left-padded

@@ -13,6 +13,7 @@ from qwen2_audio_vllm.extensions.audio_frames import (
     AudioFramesParser,
     AudioFramesProcessor,
 )
+from qwen2_audio_vllm.extensions.hotwords import HotwordsInfo, HotwordsProcessor
 from qwen2_audio_vllm.extensions.input_checks import InputChecksProcessor
 from qwen2_audio_vllm.extensions.long_audio import (
     LongAudioDummyInputs,
@@ -49,7 +50,9 @@ class _SwapDataParserInfo:
         )
 
 
-class Qwen2AudioSwapProcessingInfo(ModalityInfo, LongAudioInfo, _SwapDataParserInfo, model.Qwen2AudioProcessingInfo):
+class Qwen2AudioSwapProcessingInfo(
+    HotwordsInfo, ModalityInfo, LongAudioInfo, _SwapDataParserInfo, model.Qwen2AudioProcessingInfo
+):
     pass
 
 
@@ -58,7 +61,7 @@ class Qwen2AudioSwapDummyInputsBuilder(ModalityDummyInputs, LongAudioDummyInputs
 
 
 class Qwen2AudioSwapMultiModalProcessor(
-    InputChecksProcessor, AudioFramesProcessor, ModalityProcessor, LongAudioProcessor, RealFramesProcessor,
+    HotwordsProcessor, InputChecksProcessor, AudioFramesProcessor, ModalityProcessor, LongAudioProcessor, RealFramesProcessor,
     model.Qwen2AudioMultiModalProcessor,
 ):
     pass

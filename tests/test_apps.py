@@ -25,6 +25,8 @@ APPS = {  # module -> its config in conf/apps/
     "experiments.benchmarks.whisper_anchor": "whisper_anchor",
     "experiments.benchmarks.tower_window": "tower_window",
     "experiments.benchmarks.compression_speed": "compression_speed",
+    "experiments.benchmarks.timestamps": "timestamps",
+    "experiments.benchmarks.hotwords": "hotwords",
     "experiments.serving.client": "client",
     "experiments.serving.long_form": "long_form",
     "experiments.serving.streaming": "streaming",

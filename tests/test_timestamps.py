@@ -186,3 +186,26 @@ def test_evaluate_with_timestamps_through_vllm_and_the_block_does_not_disturb_th
             assert all(0 <= w["start"] < w["end"] <= u["duration"] + 0.05 for w in u["words"])
         else:
             assert u["words_reason"]
+
+
+def test_long_form_pieces_are_aligned_on_the_clips_time_line(tiny_base, head):
+    from experiments.data import read_manifest
+    from experiments.data.audio import load_audio
+    from experiments.serving.long_form import piece_words
+    from experiments.timestamps import Aligner
+
+    row = read_manifest(head.parent / "syn" / "test.jsonl")[0]
+    audio = load_audio(row["audio_filepath"])
+    gap = np.zeros(16000, np.float32)
+    long = np.concatenate([audio, gap, audio])
+    aligner = Aligner(tiny_base, head)
+    alone = aligner.words(audio, row["text"])
+    n, second = len(audio), len(audio) + len(gap)
+    got = piece_words(aligner, long, [(0, n, row["text"]), (n, second, ""), (second, len(long), row["text"])])
+    if alone["words"]:  # the briefly trained head may fail to align; then both pieces say so
+        assert len(got["words"]) == 2 * len(alone["words"])
+        shift = second / 16000
+        for a, b in zip(alone["words"], got["words"][len(alone["words"]):], strict=True):
+            assert b["start"] == pytest.approx(a["start"] + shift, abs=1e-3) and b["word"] == a["word"]
+    else:
+        assert got["words"] == [] and got["reason"] and len(got["pieces_not_aligned"]) == 2

@@ -3,6 +3,7 @@
     python -m experiments.serving.client base_url=http://127.0.0.1:8000/v1 audio=asset:open_the_red_door
     python -m experiments.serving.client audio=path/to/clip.wav 'prompt="Transcribe the audio."'
     python -m experiments.serving.client audio=clip.wav timestamps=true [checkpoint=DIR]   # + word times
+    python -m experiments.serving.client audio=clip.wav 'hotwords=[zoe,harbour]'           # words to favour
     python -m experiments.serving.client mode=simulation manifest=test.jsonl requests=200 concurrency=8 [rate=4]
     python -m experiments.serving.client mode=realtime manifest=test.jsonl requests=20 [stream.chunk_s=1.0]
 
@@ -118,8 +119,10 @@ def retryable(err: Exception) -> bool:
 
 
 async def request(client, model: str, source: str, prompt: str = TRANSCRIBE_PROMPT, max_tokens: int = 32,
-                  retries: int = 2, backoff_s: float = 0.5) -> tuple[RequestRecord, str]:
-    """One streamed chat completion; returns its record and the generated text."""
+                  retries: int = 2, backoff_s: float = 0.5, hotwords: list[str] | None = None) -> tuple[RequestRecord, str]:
+    """One streamed chat completion; returns its record and the generated text. `hotwords`
+    travel in the request body as `mm_processor_kwargs` (qwen2_audio_vllm/hotwords.py)."""
+    extra = {"extra_body": {"mm_processor_kwargs": {"hotwords": list(hotwords)}}} if hotwords is not None else {}
     seconds = audio_seconds(source)
     t0 = time.perf_counter()
     try:
@@ -131,7 +134,7 @@ async def request(client, model: str, source: str, prompt: str = TRANSCRIBE_PROM
         try:
             stream = await client.chat.completions.create(
                 model=model, messages=messages(url, prompt), max_tokens=max_tokens, temperature=0,
-                stream=True, stream_options={"include_usage": True},
+                stream=True, stream_options={"include_usage": True}, **extra,
             )
             async for chunk in stream:
                 if chunk.usage is not None:
@@ -312,7 +315,8 @@ def main(cfg: DictConfig) -> None:
             from openai import AsyncOpenAI
 
             async with AsyncOpenAI(base_url=cfg.base_url, api_key="EMPTY") as client:
-                record, text = await request(client, model, cfg.audio, cfg.prompt or TRANSCRIBE_PROMPT, cfg.max_tokens)
+                record, text = await request(client, model, cfg.audio, cfg.prompt or TRANSCRIBE_PROMPT, cfg.max_tokens,
+                                             hotwords=list(cfg.hotwords) if cfg.hotwords is not None else None)
             print(text if record.ok else f"request failed: {record.error}")
             if cfg.timestamps and record.ok:
                 # `vllm serve DIR` names the model by its directory: the default checkpoint

@@ -110,12 +110,15 @@ def close_llm(llm) -> None:
     gc.collect()
 
 
-def audio_request(prompt: str, audio) -> dict[str, Any]:
+def audio_request(prompt: str, audio, hotwords: list[str] | None = None) -> dict[str, Any]:
     """One offline request: a prompt with one <|AUDIO|> per item and 16 kHz float samples
-    (one array, or a list of them for several items)."""
-    if isinstance(audio, (list, tuple)):
-        return {"prompt": prompt, "multi_modal_data": {"audio": [(a, 16000) for a in audio]}}
-    return {"prompt": prompt, "multi_modal_data": {"audio": (audio, 16000)}}
+    (one array, or a list of them for several items); `hotwords`, words to favour
+    (qwen2_audio_vllm/hotwords.py), go to the processor as `mm_processor_kwargs`."""
+    data = [(a, 16000) for a in audio] if isinstance(audio, (list, tuple)) else (audio, 16000)
+    request: dict[str, Any] = {"prompt": prompt, "multi_modal_data": {"audio": data}}
+    if hotwords is not None:
+        request["mm_processor_kwargs"] = {"hotwords": list(hotwords)}
+    return request
 
 
 class EmbedAudio:

@@ -35,6 +35,7 @@ from experiments.serving.engine import chat_prompt
 from experiments.training import devices
 from experiments.training.devices import Placement
 from qwen2_audio_vllm.hf import IGNORE, Qwen2AudioSwap, expand_audio_placeholders
+from qwen2_audio_vllm.hotwords import hotword_ids
 
 LossFn = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]  # indices -> (summed loss, tokens)
 
@@ -99,19 +100,27 @@ class TextBatcher:
             self._prompts[n_audios] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._prompts[n_audios]
 
-    def lengths(self, texts: list[str], n_audio_tokens: list[int | list[int]]) -> list[int]:
+    def lengths(self, texts: list[str], n_audio_tokens: list[int | list[int]],
+                hotwords: list[list[str] | None] | None = None) -> list[int]:
         """Tokens per row (prompt with expanded audio + transcript + <|im_end|>). An entry of
         `n_audio_tokens` is a clip's token count, or one count per item (stream chunks)."""
         answers = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         items = [n if isinstance(n, list) else [int(n)] for n in n_audio_tokens]
+        extra = [len(n) * len(self._hotword_ids(h)) for n, h in zip(items, hotwords or [None] * len(texts), strict=True)]
         # each placeholder becomes its item's tokens; + <|im_end|>
-        return [len(self.prompt_for(len(n))) - len(n) + sum(n) + len(a) + 1 for a, n in zip(answers, items, strict=True)]
+        return [len(self.prompt_for(len(n))) - len(n) + sum(n) + len(a) + 1 + e
+                for a, n, e in zip(answers, items, extra, strict=True)]
 
-    def __call__(self, texts: list[str], n_audio_tokens: list[int | list[int]]) -> dict[str, torch.Tensor]:
+    def _hotword_ids(self, words: list[str] | None) -> list[int]:
+        return hotword_ids(self.tokenizer, words) if words else []
+
+    def __call__(self, texts: list[str], n_audio_tokens: list[int | list[int]],
+                 hotwords: list[list[str] | None] | None = None) -> dict[str, torch.Tensor]:
+        """hotwords: a list per row (None or [] for none), placed as vLLM's processor places it."""
         rows, labels = [], []
-        for text, n in zip(texts, n_audio_tokens, strict=True):
+        for text, n, words in zip(texts, n_audio_tokens, hotwords or [None] * len(texts), strict=True):
             n = n if isinstance(n, list) else [int(n)]
-            prompt = expand_audio_placeholders(self.prompt_for(len(n)), n, self.audio_token_id)
+            prompt = expand_audio_placeholders(self.prompt_for(len(n)), n, self.audio_token_id, self._hotword_ids(words))
             answer = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.end_id]
             rows.append(prompt + answer)
             labels.append([IGNORE] * len(prompt) + answer)
@@ -320,6 +329,8 @@ class AlignRecipe:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     chunk_s: float | None = None
+    hotwords_p: float = 0.0
+    hotwords_max_distractors: int = 100
 
     def __post_init__(self) -> None:
         if self.init not in ALIGN_INITS:
@@ -336,13 +347,13 @@ class AlignRecipe:
 
     @classmethod
     def from_config(cls, init: str, kd: dict | None = None, lora: dict | None = None,
-                    chunk_s: float | None = None) -> AlignRecipe:
-        kd, lora = kd or {}, lora or {}
+                    chunk_s: float | None = None, hotwords: dict | None = None) -> AlignRecipe:
+        kd, lora, hotwords = kd or {}, lora or {}, hotwords or {}
         return cls(
             init=init, kd_teacher=kd.get("teacher", "none"), kd_weight=kd.get("weight", 1.0),
             kd_temperature=kd.get("temperature", 1.0), kd_checkpoint=kd.get("checkpoint"), lora_rank=lora.get("rank", 0),
             lora_alpha=lora.get("alpha", 16.0), lora_targets=tuple(lora.get("targets", cls.lora_targets)),
-            chunk_s=chunk_s,
+            chunk_s=chunk_s, hotwords_p=hotwords.get("p", 0.0), hotwords_max_distractors=hotwords.get("max_distractors", 100),
         )
 
     def beyond_init(self) -> dict:
@@ -357,6 +368,8 @@ class AlignRecipe:
             out["lora"] = [self.lora_rank, self.lora_alpha, list(self.lora_targets)]
         if self.chunk_s is not None:
             out["chunk_s"] = self.chunk_s
+        if self.hotwords_p:
+            out["hotwords"] = [self.hotwords_p, self.hotwords_max_distractors]
         return out
 
 
@@ -389,6 +402,12 @@ def check_recipe(base_dir: Path, projector: dict, recipe: AlignRecipe) -> None:
             )
     if recipe.kd_checkpoint is not None:
         _check_teacher(base_dir, Path(recipe.kd_checkpoint))
+    if not 0 <= recipe.hotwords_p <= 1 or recipe.hotwords_max_distractors < 0:
+        raise ValueError(f"train.hotwords needs 0 <= p <= 1 and max_distractors >= 0; got p={recipe.hotwords_p}, "
+                         f"max_distractors={recipe.hotwords_max_distractors}")
+    if recipe.hotwords_p and recipe.chunk_s is not None:
+        raise ValueError(f"train.hotwords.p={recipe.hotwords_p} with train.chunk_s={recipe.chunk_s}: hotword lists are "
+                         "taught on whole clips; align for streaming without them (train.hotwords.p=0)")
 
 
 def _check_teacher(base_dir: Path, teacher_dir: Path) -> None:
@@ -618,7 +637,8 @@ def align(
             x = x.to(place.device, torch.float32)
             audio = model.project(x, lengths, run=run if train_mode else None)  # per item, in prompt order
             rows, per_row = [texts[i] for i in idx], [len(row) for row in items]
-            batch = _on(batcher(rows, _grouped([a.shape[0] for a in audio], per_row)), place.device)
+            lists = [train_lists[i] for i in idx] if train_mode and train_lists else None
+            batch = _on(batcher(rows, _grouped([a.shape[0] for a in audio], per_row), lists), place.device)
             logits, target = model.labelled_logits(audio_embeds=audio, **batch)
             total = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
             if train_mode and recipe.kd_teacher != "none" and recipe.kd_weight > 0:
@@ -628,8 +648,9 @@ def align(
 
         return loss_on
 
+    train_lists = hotword_lists(train[1], recipe, s.seed) if recipe.hotwords_p else None
     n_tokens = [proj.output_lengths(torch.tensor([f.shape[0] for f in _items(r)])).tolist() for r in train[0]]
-    lengths = batcher.lengths(train[1], n_tokens)
+    lengths = batcher.lengths(train[1], n_tokens, train_lists)
     result, best = fit(
         model, trained, loss_for(*train, train_mode=True),
         lambda: mean_loss(loss_for(*dev, train_mode=False), len(dev[1]), s.batch_size),
@@ -639,6 +660,29 @@ def align(
     result["trainable_params"] = sum(p.numel() for p in trained.parameters())
     result["recipe"] = recipe.__dict__ | {"lora_targets": list(recipe.lora_targets)}
     return result
+
+
+def hotword_lists(texts: list[str], recipe: AlignRecipe, seed: int) -> list[list[str] | None]:
+    """A hotword list for a `recipe.hotwords_p` share of the training rows (None for the
+    rest): the row's names and rare words plus 0..max_distractors distractors, drawn from
+    the training transcripts' own names and rare words (experiments/data/bias.py). A row
+    without biasing words gets distractors only, so the model learns to leave a list alone
+    when the audio does not say its words."""
+    import random
+
+    from experiments.data.bias import bias_list, bias_words, distractor_pool, word_counts
+
+    counts = word_counts(texts)
+    pool = distractor_pool(counts)
+    rng = random.Random(f"hotwords-{seed}")
+    out: list[list[str] | None] = []
+    for text in texts:
+        if rng.random() >= recipe.hotwords_p:
+            out.append(None)
+            continue
+        words = bias_list(bias_words(text, counts), rng.randint(0, recipe.hotwords_max_distractors), pool, rng)
+        out.append(words or None)
+    return out
 
 
 def _items(entry: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
