@@ -6,8 +6,9 @@ OpenAI trained Whisper on whole 30 s windows, every position attending to the pa
 Qwen2-Audio (and this fork's real-frames encoder, `qwen2_audio_vllm.encoder`) masks the
 padding out of attention, and the fork also cuts it off. So the default base's tower
 (Whisper tiny.en, frozen) sees inputs of a kind it was never trained on. This measures what
-that costs: the same probe, a character CTC head on the frozen pooled frames (Linear ->
-convolutions -> Linear over a-z, space and apostrophe, greedy decoding, no language model), is
+that costs: the same probe, a character CTC head on the frozen pooled frames
+(experiments.timestamps.CtcHead: Linear -> convolutions -> Linear over a-z, space and
+apostrophe, one output per frame; greedy decoding, no language model), is
 trained on `train` training clips and scored on the dev split (training voices, sentences
 never trained on), once on each kind of frames:
 
@@ -30,8 +31,6 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-ALPHABET = " 'abcdefghijklmnopqrstuvwxyz"  # normalised transcripts: lower case, no other punctuation
-
 
 @torch.no_grad()
 def frames_of(tower, fe, audios: list, window: bool, batch: int = 16) -> list[torch.Tensor]:
@@ -52,50 +51,6 @@ def frames_of(tower, fe, audios: list, window: bool, batch: int = 16) -> list[to
     return out
 
 
-class CtcProbe(torch.nn.Module):
-    """Frames (B, T, d) -> character log-probabilities (B, T, len(ALPHABET) + 1), blank last:
-    a per-frame MLP with two 5-frame convolutions (the encoder already gives each frame its
-    context; a convolution trains in seconds on 2 cores where a recurrent layer takes minutes)."""
-
-    def __init__(self, d: int, hidden: int = 256) -> None:
-        super().__init__()
-        self.inp = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, hidden), torch.nn.GELU())
-        self.conv = torch.nn.Sequential(torch.nn.Conv1d(hidden, hidden, 5, padding=2), torch.nn.GELU(),
-                                        torch.nn.Conv1d(hidden, hidden, 5, padding=2), torch.nn.GELU())
-        self.out = torch.nn.Linear(hidden, len(ALPHABET) + 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)  # (B, T, hidden)
-        return self.out(self.conv(h.transpose(1, 2)).transpose(1, 2)).log_softmax(-1)
-
-
-def greedy(log_probs: torch.Tensor, length: int) -> str:
-    ids = log_probs[:length].argmax(-1).tolist()
-    blank = len(ALPHABET)
-    return "".join(ALPHABET[i] for j, i in enumerate(ids) if i != blank and (j == 0 or ids[j - 1] != i))
-
-
-def train_probe(train: list[torch.Tensor], texts: list[str], epochs: int, seed: int, batch: int = 32) -> CtcProbe:
-    from experiments.training.cache import pad_frames
-
-    torch.manual_seed(seed)
-    probe = CtcProbe(train[0].shape[1])
-    opt = torch.optim.AdamW(probe.parameters(), lr=2e-3)
-    targets = [[ALPHABET.index(c) for c in t if c in ALPHABET] for t in texts]
-    order = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(epochs), desc="probe", unit="epoch"):
-        for idx in torch.randperm(len(train), generator=order).split(batch):
-            x, lengths = pad_frames([train[i] for i in idx])
-            lp = probe(x).transpose(0, 1)  # (T, B, C)
-            flat = torch.tensor([c for i in idx for c in targets[i]])
-            loss = torch.nn.functional.ctc_loss(lp, flat, lengths, torch.tensor([len(targets[i]) for i in idx]),
-                                                blank=len(ALPHABET), reduction="mean", zero_infinity=True)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return probe.eval()
-
-
 @hydra.main(config_path="../../conf/apps", config_name="tower_window", version_base=None)
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
@@ -104,6 +59,7 @@ def main(cfg: DictConfig) -> None:
     from experiments.data.audio import load_audio
     from experiments.metrics import normalize_text, wer_cer, wer_difference
     from experiments.report import write_json_atomic
+    from experiments.timestamps import greedy, train_ctc_head
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
@@ -124,7 +80,7 @@ def main(cfg: DictConfig) -> None:
         t0 = time.perf_counter()
         frames = {s: frames_of(tower, fe, audio[s], window=mode == "window") for s in rows}
         seconds = time.perf_counter() - t0
-        probe = train_probe(frames["train"], texts["train"], cfg.epochs, cfg.seed)
+        probe = train_ctc_head(frames["train"], texts["train"], cfg.epochs, cfg.seed)
         with torch.no_grad():
             hyps[mode] = [greedy(probe(f[None])[0], f.shape[0]) for f in frames["dev"]]
         result[mode] = wer_cer(texts["dev"], hyps[mode]) | {"encoder_seconds": seconds}
