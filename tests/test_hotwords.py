@@ -73,7 +73,8 @@ def test_hotwords_through_vllm_serve(tiny_base, speech_clips, tmp_path):
     from experiments.serving.client import request, served_model
     from experiments.serving.server import Server
 
-    with Server(tiny_base, {"max_num_seqs": 4}, log_dir=tmp_path) as server:
+    # vLLM serves per-request processor options only behind this flag (its guard for them)
+    with Server(tiny_base, {"max_num_seqs": 4, "trust_request_mm_kwargs": True}, log_dir=tmp_path) as server:
         async def go(hotwords):
             model = await served_model(server.base_url)
             async with AsyncOpenAI(base_url=server.base_url, api_key="EMPTY") as client:

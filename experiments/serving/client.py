@@ -4,6 +4,7 @@
     python -m experiments.serving.client audio=path/to/clip.wav 'prompt="Transcribe the audio."'
     python -m experiments.serving.client audio=clip.wav timestamps=true [checkpoint=DIR]   # + word times
     python -m experiments.serving.client audio=clip.wav 'hotwords=[zoe,harbour]'           # words to favour
+      (the server started with --trust-request-mm-kwargs: vLLM's guard for per-request processor options)
     python -m experiments.serving.client mode=simulation manifest=test.jsonl requests=200 concurrency=8 [rate=4]
     python -m experiments.serving.client mode=realtime manifest=test.jsonl requests=20 [stream.chunk_s=1.0]
 
