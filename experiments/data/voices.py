@@ -98,12 +98,19 @@ def festival(batch: list[Rendering]) -> None:
         text = r.text.replace("\\", " ").replace('"', " ")
         lines += [f"(voice_{r.voice})", f"(Parameter.set 'Duration_Stretch {_lerp(1.25, 0.8, r.speed):.3f})",
                   f'(utt.save.wave (utt.synth (Utterance Text "{text}")) "{r.path}" \'riff)']
+    run_festival(lines)
+
+
+def run_festival(lines: list[str]) -> str:
+    """Run Scheme `lines` in one `festival --batch` process; its stdout. A missing voice
+    raises EngineMissing with the apt command."""
     with tempfile.NamedTemporaryFile("w", suffix=".scm") as script:
         script.write("\n".join(lines) + "\n")
         script.flush()
         done = subprocess.run(["festival", "--batch", script.name], capture_output=True, text=True)
     if "not defined" in done.stderr or "unbound variable" in done.stderr:
         raise EngineMissing(f"festival lacks a voice ({done.stderr.strip()[-200:]}): {install_hint('festival')}")
+    return done.stdout
 
 
 def render_batch(batch: list[Rendering]) -> None:

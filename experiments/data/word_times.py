@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import subprocess
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,7 +42,7 @@ class WordTimesSpec:
 def festival_word_times(jobs: list[tuple[str, str, float, Path]]) -> list[list[dict] | None]:
     """Render (text, voice, duration stretch, wav path) jobs in one festival process and
     return each one's words [{word, start, end}] (None where festival wrote no audio)."""
-    from experiments.data.voices import EngineMissing, install_hint
+    from experiments.data.voices import run_festival
 
     lines = []
     for i, (text, voice, stretch, path) in enumerate(jobs):
@@ -55,14 +53,8 @@ def festival_word_times(jobs: list[tuple[str, str, float, Path]]) -> list[list[d
                   f"(mapcar (lambda (w) (format t \"W\\t{i}\\t%s\\t%s\\t%s\\n\" (item.name w) "
                   f"(item.feat w \"R:SylStructure.daughter1.daughter1.R:Segment.p.end\") (item.feat w \"word_end\"))) "
                   f"(utt.relation.items utt{i} 'Word))"]
-    with tempfile.NamedTemporaryFile("w", suffix=".scm") as script:
-        script.write("\n".join(lines) + "\n")
-        script.flush()
-        done = subprocess.run(["festival", "--batch", script.name], capture_output=True, text=True)
-    if "not defined" in done.stderr or "unbound variable" in done.stderr:
-        raise EngineMissing(f"festival lacks a voice ({done.stderr.strip()[-200:]}): {install_hint('festival')}")
     words: list[list[dict]] = [[] for _ in jobs]
-    for line in done.stdout.splitlines():
+    for line in run_festival(lines).splitlines():
         parts = line.split("\t")
         if len(parts) == 5 and parts[0] == "W":
             words[int(parts[1])].append({"word": parts[2].lower(), "start": round(float(parts[3]), 4),
