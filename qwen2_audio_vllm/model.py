@@ -73,7 +73,8 @@ from vllm.utils.tensor_schema import TensorSchema, TensorShape
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsPP  # fork: absolute
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix  # fork: absolute
 from projectors import Projector, build_projector  # fork
-from qwen2_audio_vllm.encoder import RealFramesEncoder, trim_audio_padding  # fork
+from qwen2_audio_vllm.encoder import trim_audio_padding  # fork
+from qwen2_audio_vllm.tower import AudioTower  # fork
 from qwen2_audio_vllm.validation import checked_projector_weights  # fork
 
 
@@ -366,7 +367,7 @@ class Qwen2AudioForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
         self.quant_config = quant_config
 
         with self._mark_tower_model(vllm_config, "audio"):
-            self.audio_tower = RealFramesEncoder(config.audio_config, trim=trim_audio_padding(config))  # fork
+            self.audio_tower = AudioTower(vllm_config, config, trim_audio_padding(config), maybe_prefix(prefix, "audio_tower"))  # fork
             self.multi_modal_projector = _build_projector(config)  # fork
 
         with self._mark_language_model(vllm_config):
