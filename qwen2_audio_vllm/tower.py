@@ -84,8 +84,10 @@ def supported_methods(platform: str | None = None) -> tuple[str, ...]:
     return _INHERITABLE.get(platform, ())
 
 
-def tower_quant_config(config: Any, engine_quant: QuantizationConfig | None) -> QuantizationConfig | None:
-    """The quantization the tower's linears run at (None: full precision)."""
+def tower_quant_config(config: Any, engine_quant: QuantizationConfig | None,
+                       requested: str | None = None) -> QuantizationConfig | None:
+    """The quantization the tower's linears run at (None: full precision). `requested` is
+    the engine's --quantization as given (vLLM resolves "fp8" to its "online" config)."""
     choice = precision(config)
     if choice == "none":
         return None
@@ -93,14 +95,14 @@ def tower_quant_config(config: Any, engine_quant: QuantizationConfig | None) -> 
         return Int8DynamicConfig()
     if engine_quant is None:
         return None
-    method = engine_quant.get_name()
+    method = requested or engine_quant.get_name()
     if method not in supported_methods():
-        supported = ", ".join(supported_methods()) or "none inherited"
+        inherited = ", ".join(supported_methods()) or "none"
         raise ValueError(
-            f"--quantization {method} cannot run on the audio tower on {current_platform.device_type} "
-            f"(methods the tower takes from the engine here: {supported}). Set "
-            f'"{PRECISION_KEY}": "none" in config.json (or --hf-overrides) to keep the tower at full '
-            'precision while the language model is quantized, or "int8" for the fork\'s W8A8 tower.'
+            f"--quantization {method} cannot run on the audio tower on {current_platform.device_type}: "
+            f"the tower takes from --quantization only {inherited} here, and otherwise the fork's "
+            f'"{PRECISION_KEY}": "int8" (W8A8). Set "{PRECISION_KEY}": "none" in config.json (or '
+            "--hf-overrides) to keep the tower at full precision while the language model is quantized."
         )
     return engine_quant
 
@@ -184,7 +186,7 @@ class AudioTower(nn.Module):
         super().__init__()
         audio_config = config.audio_config
         self.trim = trim
-        self.quant_config = tower_quant_config(config, vllm_config.quant_config)
+        self.quant_config = tower_quant_config(config, vllm_config.quant_config, vllm_config.model_config.quantization)
         d = audio_config.d_model
         self.conv1 = nn.Conv1d(audio_config.num_mel_bins, d, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)

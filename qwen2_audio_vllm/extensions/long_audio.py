@@ -6,6 +6,7 @@ nothing changes from upstream."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import accumulate
 from typing import Annotated, Any, Literal
 
 import torch
@@ -78,7 +79,10 @@ class LongAudioProcessor:
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
         num_windows = hf_inputs.get("audio_num_windows", torch.zeros(0, dtype=torch.long))
-        per_window = MultiModalFieldConfig.flat_from_sizes("audio", num_windows)
+        bounds = [0, *accumulate(num_windows.tolist())]
+        # plain slices (not flat_from_sizes' tuples), which also cut the list of per-window
+        # features of different widths that real_frames.py ships
+        per_window = MultiModalFieldConfig.flat("audio", [slice(a, b) for a, b in zip(bounds, bounds[1:])])
         return {
             **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
             "input_features": per_window,

@@ -4,7 +4,8 @@ costs a thirtieth and the features sent to the worker are 108 frames instead of 
 values are the first frames of upstream's window-padded features (encoder.mel_features says
 why), so with the trimmed encoder (`RealFramesEncoder`, which never reads further) the
 output is upstream's up to float rounding. `"trim_audio_padding": false` in config.json
-turns both off. The model pads the features back to the window for upstream's schema
+turns both off. Each item keeps its own width (what the processor cache stores is the item's
+alone); the model pads the features back to the window for upstream's schema
 (`input_features` is declared with 3000 frames); the padding is never read."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BatchFeature
 
-from qwen2_audio_vllm.encoder import mel_features, pad_mels, trim_audio_padding
+from qwen2_audio_vllm.encoder import mel_features, trim_audio_padding
 
 
 class RealFramesProcessor:
@@ -27,8 +28,13 @@ class RealFramesProcessor:
         audios = list(audios) if isinstance(audios, (list, tuple)) else [audios]
         # vLLM keeps only the fields of _get_mm_fields_config; the HF processor's token ids
         # of the placeholder text are not used (prompt updates come from vLLM)
-        features, mask = pad_mels([mel_features(fe, a) for a in audios])
-        return BatchFeature({"input_features": features, "feature_attention_mask": mask})
+        # each item at its own width (its real frames + margin), so an item's output, which
+        # vLLM's processor cache stores under the item's hash, never depends on the other
+        # clips of the request; vLLM pads the items of a batch together in the worker. The
+        # mask keeps upstream's window width, so every item's mask has the same shape.
+        mels = [mel_features(fe, a) for a in audios]
+        mask = (torch.arange(fe.nb_max_frames)[None, :] < torch.tensor([n for _, n in mels])[:, None]).int()
+        return BatchFeature({"input_features": [m for m, _ in mels], "feature_attention_mask": mask})
 
 
 class RealFramesModel:
