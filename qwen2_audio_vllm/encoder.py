@@ -21,8 +21,9 @@ Why this is exact for Qwen2-Audio's (Whisper) encoder, up to float rounding:
   float summation order) differ. The real 7B encoder has the same structure (32 layers,
   d=1280, 1500 positions), so the same holds there; its bf16 rounding is the only change.
 
-Used by the vLLM fork (its `audio_tower` is a `RealFramesEncoder`; switch
-`trim_audio_padding` in config.json, default on), by the HF twin and the encoder cache.
+Used by the HF twin and the encoder cache, over transformers' module. The vLLM fork's tower
+(tower.py, built from vLLM's layers) does the same cut, with the clips packed into one
+sequence; `trim_audio_padding` in config.json (default on) switches both.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.modeling_outputs import BaseModelOutput
-from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 
 MEL_MARGIN = 8  # mel frames kept past a bucket's longest clip (the convolutions reach 2)
 BUCKET_RATIO = 1.25  # a bucket's longest clip is at most this times its shortest
@@ -115,29 +114,6 @@ def encode_frames(tower, input_features: torch.Tensor, conv_len: torch.Tensor, t
             out = frames.new_zeros(input_features.shape[0], t_max, frames.shape[2])
         out[idx, : frames.shape[1]] = frames
     return out
-
-
-class RealFramesEncoder(Qwen2AudioEncoder):
-    """transformers' Qwen2AudioEncoder (same modules, same weight names) whose forward runs
-    over each clip's real frames: what the vLLM fork builds as its `audio_tower`, so the
-    fork's call site stays upstream's. The clips' lengths are read off the attention mask
-    upstream passes (B, 1, T, T), -inf on each clip's padded key positions. `trim=False`
-    (config.json "trim_audio_padding": false) computes over the whole window instead."""
-
-    def __init__(self, config, trim: bool = True) -> None:
-        super().__init__(config)
-        self.trim = trim
-
-    def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> BaseModelOutput:
-        from vllm.utils.gpu_sync_debug import gpu_sync_allowed
-
-        width = (input_features.shape[-1] - 1) // 2 + 1
-        if attention_mask is None:
-            conv_len = torch.full((input_features.shape[0],), width, device=input_features.device)
-        else:
-            conv_len = (attention_mask[:, 0, 0, :] == 0).sum(-1)
-        with gpu_sync_allowed():  # the buckets are formed from the clips' lengths
-            return BaseModelOutput(last_hidden_state=encode_frames(self, input_features, conv_len, self.trim))
 
 
 def _encode(tower, input_features: torch.Tensor, conv_len: torch.Tensor, pool: bool = True) -> torch.Tensor:

@@ -46,7 +46,7 @@ def _same(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -55,7 +55,7 @@ def clips(speech_clips) -> list[tuple[np.ndarray, int]]:
     """Real speech at mixed lengths, resampled to mixed rates (what users upload)."""
     speech = np.concatenate([a for _, a, _ in speech_clips])
     out = []
-    for i, (seconds, rate) in enumerate(zip(SECONDS * 2, RATES * 3)):
+    for i, (seconds, rate) in enumerate(zip(SECONDS * 2, RATES * 3, strict=False)):
         audio = np.resize(np.roll(speech, 3000 * i), round(seconds * 16000)).astype(np.float32)
         out.append((librosa.resample(audio, orig_sr=16000, target_sr=rate) if rate != 16000 else audio, rate))
     return out

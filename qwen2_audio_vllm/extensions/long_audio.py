@@ -82,7 +82,7 @@ class LongAudioProcessor:
         bounds = [0, *accumulate(num_windows.tolist())]
         # plain slices (not flat_from_sizes' tuples), which also cut the list of per-window
         # features of different widths that real_frames.py ships
-        per_window = MultiModalFieldConfig.flat("audio", [slice(a, b) for a, b in zip(bounds, bounds[1:])])
+        per_window = MultiModalFieldConfig.flat("audio", [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)])
         return {
             **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
             "input_features": per_window,

@@ -2,7 +2,7 @@
 encoder's convolutions reach past them), not the 30 s window: for a 1 s clip the log-mel
 costs a thirtieth and the features sent to the worker are 108 frames instead of 3000. The
 values are the first frames of upstream's window-padded features (encoder.mel_features says
-why), so with the trimmed encoder (`RealFramesEncoder`, which never reads further) the
+why), so with the trimmed tower (tower.py's `AudioTower`, which never reads further) the
 output is upstream's up to float rounding. `"trim_audio_padding": false` in config.json
 turns both off. Each item keeps its own width (what the processor cache stores is the item's
 alone); the model pads the features back to the window for upstream's schema
