@@ -27,6 +27,7 @@ APPS = {  # module -> its config in conf/apps/
     "experiments.benchmarks.compression_speed": "compression_speed",
     "experiments.benchmarks.timestamps": "timestamps",
     "experiments.benchmarks.hotwords": "hotwords",
+    "experiments.benchmarks.tower_quant": "tower_quant",
     "experiments.serving.client": "client",
     "experiments.serving.long_form": "long_form",
     "experiments.serving.streaming": "streaming",

@@ -14,6 +14,7 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -144,14 +145,20 @@ def engine_pids(before: set[int]) -> set[int]:
 
 
 def bench_pair(variant_dir: Path, baseline_dir: Path, rows: list[dict], lengths_s: list[float], n: int,
-               max_tokens: int, engine_overrides: dict, rounds: int = 5) -> dict:
+               max_tokens: int, engine_overrides: dict, rounds: int = 5, variant_overrides: dict | None = None,
+               probe: Any = None) -> dict:
     """The variant's and the linear baseline's engines, both up, measured in alternating
     rounds (baseline, variant, baseline, ...; interleaved_rounds), each round one offline
     batch of `n` fresh clips (no prefix or processor cache: a repeated clip skips the
     encoder). Returns {"baseline"/"variant": the summary of the engine's median round (by
     request throughput), with its processes' peak RSS; "ratio_vs_linear": {key: median of the
     per-round variant/baseline ratios}, with "_min" / "_max" twins; "per_round": request
-    throughput per engine and round}."""
+    throughput per engine and round}.
+
+    variant_overrides: engine arguments of the variant only (e.g. the same checkpoint with
+    other hf_overrides). probe: a callable for `llm.apply_model` run on each engine after its
+    round's requests, returning seconds (e.g. the audio tower alone); its per-round values
+    land in "probe_per_round"."""
     from experiments.serving.engine import close_llm, make_llm
 
     check_rounds(rounds)
@@ -160,16 +167,19 @@ def bench_pair(variant_dir: Path, baseline_dir: Path, rows: list[dict], lengths_
     overrides = {"enable_prefix_caching": False, "mm_processor_cache_gb": 0, **engine_overrides}
     engines, pids = {}, {}
     summaries: dict[str, list[dict]] = {"baseline": [], "variant": []}
+    probes: dict[str, list[float]] = {"baseline": [], "variant": []}
     try:
         for name, d in tqdm([("baseline", baseline_dir), ("variant", variant_dir)], desc="bench engines", unit="engine"):
             before = engine_pids(set())
-            engines[name] = make_llm(d, **overrides)
+            engines[name] = make_llm(d, **(overrides | ((variant_overrides or {}) if name == "variant" else {})))
             pids[name] = engine_pids(before)
             measure(engines[name], [c[::-1].copy() for c in clips[:n]], max_tokens)  # warm-up, unmeasured clips
         with PeakMemory() as mem:
             def run_round(name: str, k: int) -> None:
                 records, duration = measure(engines[name], batches[k], max_tokens)
                 summaries[name].append(summarize(records, duration, max_concurrency=overrides.get("max_num_seqs", n)))
+                if probe is not None:
+                    probes[name].append(float(engines[name].apply_model(probe)[0]))
 
             interleaved_rounds({name: partial(run_round, name) for name in summaries}, rounds)
     finally:
@@ -180,6 +190,8 @@ def bench_pair(variant_dir: Path, baseline_dir: Path, rows: list[dict], lengths_
         order = sorted(range(rounds), key=lambda k: per_round[k]["request_throughput"])
         out[name] = per_round[order[(rounds - 1) // 2]] | {"peak_rss_gib": mem.peak_of(pids[name])}
     out["per_round"] = {name: [r["request_throughput"] for r in per_round] for name, per_round in summaries.items()}
+    if probe is not None:
+        out["probe_per_round"] = probes
     spread = {
         key: speedup([v[key] for v in summaries["variant"]], [b[key] for b in summaries["baseline"]])
         for key in RATIO_KEYS
