@@ -70,7 +70,8 @@ def _served(ckpt, speech_clips, capfd, **overrides):
         emb = llm.apply_model(EmbedAudio(feats["input_features"], feats["attention_mask"]))[0]
     finally:
         close_llm(llm)
-    return emb, capfd.readouterr().err
+    captured = capfd.readouterr()  # vLLM logs INFO to stdout, errors to stderr
+    return emb, captured.out + captured.err
 
 
 @pytest.mark.engine
@@ -94,7 +95,8 @@ def test_quantization_the_tower_cannot_take_is_refused_at_start(tiny_base, capfd
 
     with pytest.raises(Exception):  # noqa: B017 - the engine's start-up error; the cause is in its log
         LLM(**engine_kwargs(tiny_base, quantization="fp8", dtype="bfloat16"))
-    err = capfd.readouterr().err
+    captured = capfd.readouterr()
+    err = captured.out + captured.err
     assert "--quantization fp8 cannot run on the audio tower on cpu" in err
     assert '"audio_tower_quantization": "none"' in err
 
@@ -116,7 +118,8 @@ def test_checkpoint_with_a_quantized_tower_is_refused(tiny_base, tmp_path, capfd
     assert json.loads((ckpt / "config.json").read_text())["architectures"]
     with pytest.raises(Exception):  # noqa: B017 - the engine's start-up error; the cause is in its log
         LLM(**engine_kwargs(ckpt))
-    err = capfd.readouterr().err
+    captured = capfd.readouterr()
+    err = captured.out + captured.err
     assert "audio_tower.layers.0.fc1.weight (int8) is quantized in a scheme the audio tower cannot load" in err
 
 
