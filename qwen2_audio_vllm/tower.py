@@ -21,7 +21,8 @@ Precision, one config.json key (or `--hf-overrides`), `"audio_tower_quantization
   method cannot run on the tower on this platform (`supported_methods`).
 - `"none"`: full precision whatever the language model runs at.
 - `"int8"`: W8A8 int8 in the fork, for an unquantized checkpoint: weights per output
-  channel (symmetric, quantized once after loading), activations per token (dynamic), on
+  channel (symmetric, quantized once after loading), activations per token (dynamic,
+  asymmetric: a zero point per token, since GELU and layer-norm outputs are not centred), on
   vLLM's own int8 GEMM kernels (oneDNN on CPU, CUTLASS on CUDA), whatever the language
   model runs at. vLLM itself has no linear int8 method for unquantized checkpoints.
 The engine logs the tower's precision at start (`describe`).
@@ -160,7 +161,7 @@ class Int8DynamicLinearMethod(UnquantizedLinearMethod):
         for name in ("input_scale", "input_zero_point", "azp_adj"):
             layer.register_parameter(name, None)
         self.kernel = init_int8_linear_kernel(is_channelwise=True, is_static_input_scheme=False,
-                                              input_symmetric=True, module_name="audio tower")
+                                              input_symmetric=False, module_name="audio tower")
         self.kernel.process_weights_after_loading(layer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
