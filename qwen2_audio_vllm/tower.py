@@ -108,12 +108,13 @@ def tower_quant_config(config: Any, engine_quant: QuantizationConfig | None,
     return engine_quant
 
 
-def describe(quant: QuantizationConfig | None, dtype: torch.dtype) -> str:
+def describe(quant: QuantizationConfig | None, dtype: torch.dtype, requested: str | None = None) -> str:
+    """The tower's precision as the engine logs it."""
     if quant is None:
         return f"full precision ({str(dtype).removeprefix('torch.')})"
     if isinstance(quant, Int8DynamicConfig):
         return "int8 W8A8 (weights per channel, activations per token, dynamic)"
-    return f"{quant.get_name()} (the engine's --quantization)"
+    return f"{requested or quant.get_name()} (the engine's --quantization)"
 
 
 class Int8DynamicConfig(QuantizationConfig):
@@ -199,7 +200,7 @@ class AudioTower(nn.Module):
         )
         self.avg_pooler = nn.AvgPool1d(2, stride=2)
         self.layer_norm = nn.LayerNorm(d)
-        self.precision = describe(self.quant_config, torch.get_default_dtype())
+        self.precision = describe(self.quant_config, torch.get_default_dtype(), vllm_config.model_config.quantization)
         logger.info("audio tower: %d layers, d=%d, %s", audio_config.encoder_layers, d, self.precision)
 
     @staticmethod
@@ -239,7 +240,7 @@ class AudioTower(nn.Module):
         seq_lens = MMEncoderAttention.maybe_compute_seq_lens(backend, bounds, hidden.device)
         for layer in self.layers:
             hidden = layer(hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, sequence_lengths=seq_lens)
-        pooled_max = width // 2 if not self.trim else max(n // 2 for n in conv_len)
+        pooled_max = ((width - 1) // 2 + 1) // 2 if not self.trim else max(n // 2 for n in conv_len)
         out = hidden.new_zeros(len(conv_len), max(1, pooled_max), hidden.shape[-1])
         start = 0
         for i, stem in enumerate(stems):
