@@ -77,6 +77,7 @@ def _served(ckpt, speech_clips, capfd, **overrides):
 @pytest.mark.engine
 def test_int8_tower_serves_close_to_full_precision_and_logs_it(tiny_base, speech_clips, capfd, monkeypatch):
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")  # vLLM's default; the apps (quiet_vllm) lower it
     full, full_log = _served(tiny_base, speech_clips, capfd)
     int8, int8_log = _served(tiny_base, speech_clips, capfd, hf_overrides={"audio_tower_quantization": "int8"})
     assert "audio tower: 4 layers, d=384, full precision (float32)" in full_log
