@@ -10,8 +10,9 @@ bootstrap:
 run: bootstrap
 	$(PY) -m experiments.run projector=attention $(ARGS)
 
+# --durations=25: the slowest tests are listed in every run (and so in every CI log)
 test: bootstrap
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest --durations=25 $(ARGS)
 
 test-fast: bootstrap
 	$(PY) -m pytest -m "not engine and not slow" $(ARGS)

@@ -44,8 +44,16 @@ if [ -d .venv ] && [ ! -L .venv ]; then
   venv="$repo/.venv"                       # a venv the user made here is used as it is
 else
   venv="$cache/venv-$flavour-$key"
-  mkdir -p "$cache" || die "cannot create the cache directory $cache; set Q2AP_CACHE to a writable directory"
-  ln -sfn "$venv" .venv
+fi
+
+# keep in step with experiments/data/voices.py APT_PACKAGES
+engines="espeak-ng festival festvox-kallpc16k festvox-us-slt-hts flite"
+missing=""
+if ! $venv_only; then
+  missing=$(for p in $engines; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+  # before the venv's minutes, not after them
+  [ -z "$missing" ] || command -v apt-get >/dev/null 2>&1 \
+    || die "the speech engines $(echo $missing) are missing and there is no apt-get; install them with your package manager (Debian/Ubuntu names), or build the venv alone with --venv-only"
 fi
 
 # Free space in GiB where `path` (or its nearest existing parent) lives.
@@ -58,9 +66,10 @@ build_venv() {
     || die "$python is $("$python" -V 2>&1), expected Python 3.11 (vLLM 0.32's wheels); point PYTHON= at a 3.11 interpreter"
   "$python" -c 'import venv, ensurepip' 2>/dev/null \
     || die "$python has no venv/ensurepip module; install it (e.g. 'sudo apt-get install python3.11-venv')"
-  local free; free=$(free_gib "$cache")
+  mkdir -p "$(dirname "$venv")" || die "cannot create $(dirname "$venv"); set Q2AP_CACHE to a writable directory"
+  local free; free=$(free_gib "$venv")
   [ "$free" -ge "$need_gib" ] \
-    || die "only ${free} GiB free under $cache, the venv needs about ${need_gib} GiB; free some space or set Q2AP_CACHE to a roomier disk"
+    || die "only ${free} GiB free under $(dirname "$venv"), the venv needs about ${need_gib} GiB; free some space or set Q2AP_CACHE to a roomier disk"
 
   say "creating $venv ($vllm_req, pip cache off); this takes about 5 minutes once"
   rm -rf "$venv"
@@ -106,6 +115,7 @@ EOF
 }
 
 [ -f "$venv/.q2ap-ready" ] || build_venv
+[ "$venv" = "$repo/.venv" ] || ln -sfn "$venv" .venv
 
 # The venv is shared between clones: point the editable install (and its vLLM plugin entry
 # point) at this clone if it points elsewhere.
@@ -121,12 +131,7 @@ if $venv_only; then
   exit 0
 fi
 
-# keep in step with experiments/data/voices.py APT_PACKAGES
-engines="espeak-ng festival festvox-kallpc16k festvox-us-slt-hts flite"
-missing=$(for p in $engines; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
-  command -v apt-get >/dev/null 2>&1 \
-    || die "the speech engines $(echo $missing) are missing and there is no apt-get; install them with your package manager (Debian/Ubuntu names), then rerun"
   say "installing speech synthesis engines:" $missing
   sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
   $sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq $missing >/dev/null
