@@ -10,9 +10,11 @@ bootstrap:
 run: bootstrap
 	$(PY) -m experiments.run projector=attention $(ARGS)
 
-# --durations=25: the slowest tests are listed in every run (and so in every CI log)
+# Two xdist workers, each test module in one of them (its module-scoped engines start once;
+# cache entries both need are built once: checkpoint.cache_lock); --durations=25: the slowest tests are listed in every run (and so in every CI log)
+TEST_WORKERS ?= 2
 test: bootstrap
-	$(PY) -m pytest --durations=25 $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25 $(ARGS)
 
 test-fast: bootstrap
 	$(PY) -m pytest -m "not engine and not slow" $(ARGS)

@@ -17,7 +17,7 @@ import copy
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,20 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<
 def cache_root() -> Path:
     """Where built models, data and encoder caches live (outside clones, shared by CI)."""
     return Path(os.environ.get("Q2AP_CACHE", Path.home() / ".cache" / "qwen2-audio-projectors"))
+
+
+@contextlib.contextmanager
+def cache_lock(entry: Path) -> Iterator[None]:
+    """Hold the build of the cache entry `entry` (a directory) exclusively, through a lock
+    file beside it: processes that need the same entry at once (a joblib sweep, parallel
+    test workers) build it once, the others wait here and then find it built. Check for the
+    entry inside the block."""
+    import fcntl
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_name(entry.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
 
 
 def save_checkpoint(

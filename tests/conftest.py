@@ -24,6 +24,11 @@ PHRASES = [
 ]
 # Allows LLM.apply_model to ship a test function to the engine's worker process.
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+# Every engine the tests start (in this process, in `vllm serve`, in the apps they run) gets a
+# 1 GiB KV cache instead of 30 % of the RAM: the tiny models need a few MiB of it, an engine
+# starts faster (no multi-GiB allocation, and vLLM skips the warm-up pass it runs only to size
+# the cache), and the few engines the suite shares stay up side by side.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def speak(text: str, path: Path, voice: str = "en+m3") -> np.ndarray:
@@ -59,7 +64,20 @@ def length_sweep(speech_clips, tmp_path_factory) -> dict[str, np.ndarray]:
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "slow: runs whole pipelines in subprocesses (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "slow: trains, synthesises a corpus, builds checkpoints or runs whole "
+                                       "pipelines in subprocesses (deselect with -m 'not slow')")
+
+
+# Fixtures that synthesise a corpus, train a model or build checkpoints from scratch: a test
+# using one is `slow` whatever its own marks say, so the fast loop never pays for them.
+SLOW_FIXTURES = {"small_synthetic", "rows", "data", "word_times", "head", "ckpt", "hub_tiny"}
+
+
+def pytest_itemcollected(item) -> None:
+    """Marks each test as it is collected, before -m reads the marks."""
+    if SLOW_FIXTURES & set(item.fixturenames):
+        item.add_marker(pytest.mark.slow)
+
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +111,42 @@ def cached_splits(base: Path, out_dir: Path, seed: int, train: int) -> dict[str,
         frames, _ = load_or_build(model, processor, rows, out_dir / f"cache-{split}")
         out[split] = (frames, [r["text"] for r in rows])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_base):
+    """One engine of the fork on the tiny base with the default engine arguments, shared by
+    every test that only sends it requests (each engine start costs tens of seconds). Under
+    `make test`'s two xdist workers (--dist loadfile: a module stays in one worker) each
+    worker whose modules use it starts it once."""
+    from experiments.serving.engine import close_llm, make_llm
+
+    llm = make_llm(tiny_base)
+    yield llm
+    close_llm(llm)
+
+
+@pytest.fixture(scope="session")
+def upstream_llm(tiny_base):
+    """The tiny base through upstream vLLM's own Qwen2-Audio class (the reference the fork
+    must equal), shared like `tiny_llm`."""
+    from vllm import LLM
+
+    from experiments.serving.engine import close_llm, engine_kwargs
+    from qwen2_audio_vllm.checkpoint import UPSTREAM_ARCHITECTURE
+
+    llm = LLM(**engine_kwargs(tiny_base, hf_overrides={"architectures": [UPSTREAM_ARCHITECTURE]}))
+    yield llm
+    close_llm(llm)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_base, tmp_path_factory):
+    """One `vllm serve` of the tiny base, shared by the serving, reliability and hotword tests.
+    trust_request_mm_kwargs: vLLM's guard for per-request processor options (hotwords)."""
+    from experiments.serving.server import Server
+
+    engine = {"max_num_seqs": 32, "trust_request_mm_kwargs": True}
+    with Server(tiny_base, engine, log_dir=tmp_path_factory.mktemp("serve")) as server:
+        yield server
+

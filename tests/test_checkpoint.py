@@ -169,6 +169,7 @@ def test_audio_token_count_on_spoken_clip(ckpt, spoken_clip, stack):
     assert torch.isfinite(embeds).all()
 
 
+@pytest.mark.slow
 def test_vllm_workers_never_import_the_training_twin():
     """What vLLM loads (the fork and what it needs) stays clear of the transformers twin
     and of checkpoint building: imports flow one way (DESIGN.md)."""

@@ -109,6 +109,7 @@ def test_missing_engine_named_with_its_install_command(tmp_path, monkeypatch):
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.slow
 def test_silent_or_empty_renderings_are_dropped_with_a_count(tmp_path, monkeypatch):
     """espeak-ng really renders "," as a pause and "" as a few samples: neither reaches a manifest."""
     import experiments.data as data

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from experiments.data.audio import SAMPLE_RATE
-from qwen2_audio_vllm.checkpoint import UPSTREAM_ARCHITECTURE, load_model, load_processor
+from qwen2_audio_vllm.checkpoint import load_model, load_processor
 from qwen2_audio_vllm.encoder import buckets
 from tests.conftest import speak
 
@@ -53,6 +53,7 @@ def features(processor, clips):
     return fe(clips, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")
 
 
+@pytest.mark.slow
 def test_twin_trimmed_equals_full_window(tiny_base, length_sweep):
     """A batch mixing 0.25 s to 30 s clips, trimmed into buckets vs the whole window."""
     model, processor = load_model(tiny_base), load_processor(tiny_base)
@@ -80,33 +81,21 @@ def unseen_clips(tmp_path_factory) -> list[np.ndarray]:
 
 
 @pytest.mark.engine
-def test_fork_trimmed_equals_upstream_full_window(tiny_base, speech_clips, unseen_clips):
-    from vllm import LLM, SamplingParams
+def test_fork_trimmed_equals_upstream_full_window(tiny_base, tiny_llm, upstream_llm, speech_clips, unseen_clips):
+    from vllm import SamplingParams
 
-    from experiments.serving.engine import (
-        EmbedAudio,
-        audio_request,
-        chat_prompt,
-        close_llm,
-        engine_kwargs,
-        make_llm,
-    )
+    from experiments.serving.engine import EmbedAudio, audio_request, chat_prompt
 
     clips = [a for _, a, _ in speech_clips] + unseen_clips
     greedy = SamplingParams(max_tokens=16, temperature=0)
     results = {}
-    for name in ("upstream", "fork"):
-        llm = (LLM(**engine_kwargs(tiny_base, hf_overrides={"architectures": [UPSTREAM_ARCHITECTURE]}))
-               if name == "upstream" else make_llm(tiny_base))
-        try:
-            prompt = chat_prompt(llm.get_tokenizer())
-            results[name] = llm.generate([audio_request(prompt, a) for a in clips], greedy)
-            if name == "fork":  # the served embeddings, trimmed (default) vs the window
-                feats = features(load_processor(tiny_base), clips)
-                trimmed, full = (llm.apply_model(EmbedAudio(feats["input_features"], feats["attention_mask"], trim=t))[0]
-                                 for t in (True, False))
-        finally:
-            close_llm(llm)
+    for name, llm in (("upstream", upstream_llm), ("fork", tiny_llm)):
+        prompt = chat_prompt(llm.get_tokenizer())
+        results[name] = llm.generate([audio_request(prompt, a) for a in clips], greedy)
+    # the served embeddings, trimmed (default) vs the window
+    feats = features(load_processor(tiny_base), clips)
+    trimmed, full = (tiny_llm.apply_model(EmbedAudio(feats["input_features"], feats["attention_mask"], trim=t))[0]
+                     for t in (True, False))
     for u, f in zip(results["upstream"], results["fork"], strict=True):
         assert u.prompt_token_ids == f.prompt_token_ids
         assert u.outputs[0].token_ids == f.outputs[0].token_ids

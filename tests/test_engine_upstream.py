@@ -12,12 +12,10 @@ from vllm import SamplingParams
 from experiments.serving.engine import (
     audio_request,
     chat_prompt,
-    close_llm,
     engine_kwargs,
     make_llm,
 )
 from qwen2_audio_vllm.checkpoint import (
-    UPSTREAM_ARCHITECTURE,
     load_model,
     load_processor,
     validate_checkpoint,
@@ -28,19 +26,14 @@ pytestmark = pytest.mark.engine
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 
 
-def generate(ckpt, clips, **overrides):
-    llm = make_llm(ckpt, **overrides)
-    try:
-        prompt = chat_prompt(llm.get_tokenizer())
-        return llm.generate([audio_request(prompt, a) for a in clips], GREEDY)
-    finally:
-        close_llm(llm)
+def generate(llm, clips):
+    prompt = chat_prompt(llm.get_tokenizer())
+    return llm.generate([audio_request(prompt, a) for a in clips], GREEDY)
 
 
 @pytest.fixture(scope="module")
-def upstream_outputs(tiny_base, speech_clips):
-    clips = [a for _, a, _ in speech_clips]
-    return generate(tiny_base, clips, hf_overrides={"architectures": [UPSTREAM_ARCHITECTURE]})
+def upstream_outputs(upstream_llm, speech_clips):
+    return generate(upstream_llm, [a for _, a, _ in speech_clips])
 
 
 def test_smoke_upstream_class_transcribes_real_speech(upstream_outputs, tiny_base, speech_clips):
@@ -58,8 +51,8 @@ def test_smoke_upstream_class_transcribes_real_speech(upstream_outputs, tiny_bas
         assert out.prompt_token_ids.count(audio_id) == pooled
 
 
-def test_fork_linear_equals_upstream(upstream_outputs, tiny_base, speech_clips):
-    fork = generate(tiny_base, [a for _, a, _ in speech_clips])
+def test_fork_linear_equals_upstream(upstream_outputs, tiny_llm, speech_clips):
+    fork = generate(tiny_llm, [a for _, a, _ in speech_clips])
     assert len(fork) == len(upstream_outputs) == 8
     for f, u in zip(fork, upstream_outputs, strict=True):
         assert f.prompt_token_ids == u.prompt_token_ids

@@ -32,10 +32,10 @@ def test_bad_lists_are_refused_with_the_limit_named(tokenizer):
 
 
 @pytest.mark.engine
-def test_hotwords_reach_the_prompt_as_the_twin_places_them(tiny_base, speech_clips):
+def test_hotwords_reach_the_prompt_as_the_twin_places_them(tiny_base, tiny_llm, speech_clips):
     from vllm import SamplingParams
 
-    from experiments.serving.engine import audio_request, chat_prompt, close_llm, make_llm
+    from experiments.serving.engine import audio_request, chat_prompt
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
     from qwen2_audio_vllm.hf import greedy_transcribe
 
@@ -44,15 +44,12 @@ def test_hotwords_reach_the_prompt_as_the_twin_places_them(tiny_base, speech_cli
     audios = [a for _, a, _ in speech_clips[:4]]
     words = ["david", "quinoa", "harbour"]
     params = SamplingParams(max_tokens=10, temperature=0)
-    llm = make_llm(tiny_base, max_num_seqs=8)
-    try:
-        plain = llm.generate([audio_request(prompt, a) for a in audios], params, use_tqdm=False)
-        biased = llm.generate([audio_request(prompt, a, words) for a in audios], params, use_tqdm=False)
-        with pytest.raises(ValueError, match="empty list"):
-            llm.generate([audio_request(prompt, audios[0], [])], params, use_tqdm=False)
-        again = llm.generate([audio_request(prompt, audios[0], words)], params, use_tqdm=False)
-    finally:
-        close_llm(llm)
+    llm = tiny_llm
+    plain = llm.generate([audio_request(prompt, a) for a in audios], params, use_tqdm=False)
+    biased = llm.generate([audio_request(prompt, a, words) for a in audios], params, use_tqdm=False)
+    with pytest.raises(ValueError, match="empty list"):
+        llm.generate([audio_request(prompt, audios[0], [])], params, use_tqdm=False)
+    again = llm.generate([audio_request(prompt, audios[0], words)], params, use_tqdm=False)
     prefix = hotword_ids(processor.tokenizer, words)
     bos = processor.tokenizer.convert_tokens_to_ids("<|audio_bos|>")
     hf_tokens, _ = greedy_transcribe(model, processor, audios, prompt, max_new_tokens=10, hotwords=words)
@@ -67,23 +64,25 @@ def test_hotwords_reach_the_prompt_as_the_twin_places_them(tiny_base, speech_cli
 
 
 @pytest.mark.engine
-def test_hotwords_through_vllm_serve(tiny_base, speech_clips, tmp_path):
+def test_hotwords_through_vllm_serve(tiny_server, speech_clips):
+    """tiny_server runs with trust_request_mm_kwargs: vLLM serves per-request processor
+    options only behind this flag (its guard for them)."""
     from openai import AsyncOpenAI
 
     from experiments.serving.client import request, served_model
-    from experiments.serving.server import Server
 
-    # vLLM serves per-request processor options only behind this flag (its guard for them)
-    with Server(tiny_base, {"max_num_seqs": 4, "trust_request_mm_kwargs": True}, log_dir=tmp_path) as server:
-        async def go(hotwords):
-            model = await served_model(server.base_url)
-            async with AsyncOpenAI(base_url=server.base_url, api_key="EMPTY") as client:
-                return await request(client, model, str(speech_clips[0][0]), max_tokens=6, hotwords=hotwords)
+    server = tiny_server
+    assert server.engine["trust_request_mm_kwargs"] is True
 
-        plain, _ = asyncio.run(go(None))
-        biased, _ = asyncio.run(go(["david", "quinoa"]))
-        empty, _ = asyncio.run(go([]))
-        after, _ = asyncio.run(go(["david"]))
+    async def go(hotwords):
+        model = await served_model(server.base_url)
+        async with AsyncOpenAI(base_url=server.base_url, api_key="EMPTY") as client:
+            return await request(client, model, str(speech_clips[0][0]), max_tokens=6, hotwords=hotwords)
+
+    plain, _ = asyncio.run(go(None))
+    biased, _ = asyncio.run(go(["david", "quinoa"]))
+    empty, _ = asyncio.run(go([]))
+    after, _ = asyncio.run(go(["david"]))
     assert plain.ok and biased.ok and after.ok, (plain.error, biased.error, after.error)
     assert biased.prompt_tokens > plain.prompt_tokens
     assert not empty.ok and empty.error.startswith("BadRequestError 400") and "empty list" in empty.error

@@ -77,8 +77,8 @@ def test_whole_strategy_checkpoint_takes_enough_windows(tiny_base, tmp_path):
 
 
 @pytest.mark.engine
-def test_segments_transcript_is_the_twins_segment_transcripts_in_order(long_clip, tiny_base):
-    from experiments.serving.engine import chat_prompt, close_llm, make_llm
+def test_segments_transcript_is_the_twins_segment_transcripts_in_order(long_clip, tiny_base, tiny_llm):
+    from experiments.serving.engine import chat_prompt
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
     from qwen2_audio_vllm.hf import greedy_transcribe
 
@@ -88,12 +88,8 @@ def test_segments_transcript_is_the_twins_segment_transcripts_in_order(long_clip
     tokens, _ = greedy_transcribe(model, processor, pieces, chat_prompt(processor.tokenizer), max_new_tokens=12)
     texts = [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
     expected = " ".join(t for t in texts if t)
-    llm = make_llm(tiny_base)
-    try:
-        (got,) = transcribe_long(llm, [audio], "segments", max_tokens=12)
-        (silent,) = transcribe_long(llm, [np.zeros(SAMPLE_RATE, dtype=np.float32)], "segments")
-    finally:
-        close_llm(llm)
+    (got,) = transcribe_long(tiny_llm, [audio], "segments", max_tokens=12)
+    (silent,) = transcribe_long(tiny_llm, [np.zeros(SAMPLE_RATE, dtype=np.float32)], "segments")
     # the random model emits partial UTF-8 byte tokens; vLLM's incremental detokenizer and
     # tokenizer.decode render those differently ("\ufffd" or nothing), so compare without them
     readable = lambda s: " ".join(s.replace("\ufffd", "").split())  # noqa: E731

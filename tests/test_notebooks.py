@@ -14,6 +14,7 @@ from nbclient import NotebookClient
 from experiments.data.audio import load_audio
 from experiments.report import append_results_row
 
+pytestmark = pytest.mark.slow  # each test starts a Jupyter kernel and runs a notebook
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"
 

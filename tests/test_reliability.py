@@ -52,16 +52,11 @@ def odd_audio(speech_clips, tmp_path_factory) -> dict[str, tuple[Path, str | Non
     return files
 
 
-def test_offline_evaluation_records_bad_clips_and_goes_on(odd_audio, tiny_base, tmp_path):
+def test_offline_evaluation_records_bad_clips_and_goes_on(odd_audio, tiny_llm, tmp_path):
     from experiments.evaluate import evaluate
-    from experiments.serving.engine import close_llm, make_llm
 
     rows = [{"audio_filepath": str(p), "duration": 1.0, "text": "open the red door"} for p, _ in odd_audio.values()]
-    llm = make_llm(tiny_base)
-    try:
-        metrics = evaluate(llm, rows, tmp_path, max_tokens=8)
-    finally:
-        close_llm(llm)
+    metrics = evaluate(tiny_llm, rows, tmp_path, max_tokens=8)
     import json
 
     utts = [json.loads(line) for line in (tmp_path / "utterances.jsonl").read_text().splitlines()]
@@ -76,11 +71,8 @@ def test_offline_evaluation_records_bad_clips_and_goes_on(odd_audio, tiny_base, 
 
 
 @pytest.fixture(scope="module")
-def server(tiny_base, tmp_path_factory):
-    from experiments.serving.server import Server
-
-    with Server(tiny_base, {"max_num_seqs": 32}, log_dir=tmp_path_factory.mktemp("serve")) as s:
-        yield s
+def server(tiny_server):
+    return tiny_server
 
 
 def test_server_answers_bad_audio_with_400_and_keeps_serving(server, odd_audio):

@@ -151,6 +151,7 @@ def test_plot_pareto_panels_baseline_and_error_bars(tmp_path):
     assert plot_pareto(rows, tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_log_wandb_offline_writes_run_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     image = plot_pareto(

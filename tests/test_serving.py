@@ -7,15 +7,13 @@ import asyncio
 import pytest
 
 from experiments.serving.client import asset_names, online_summary, request, served_model, simulate
-from experiments.serving.server import Server
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
-def server(tiny_base, tmp_path_factory):
-    with Server(tiny_base, {"max_num_seqs": 16}, log_dir=tmp_path_factory.mktemp("serve")) as s:
-        yield s
+def server(tiny_server):
+    return tiny_server
 
 
 def single(server, source: str):

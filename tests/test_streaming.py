@@ -72,23 +72,36 @@ def test_answer_prefix_keeps_all_but_the_unstable_words():
     assert joined("open the", " red  door") == "open the red door" and joined("", "open") == "open"
 
 
+# One setting for the engine tests below, and one engine with its arguments for both (an
+# engine start costs tens of seconds). The first test runs first (file order) and so starts
+# its first stream on a fresh engine.
+STREAM = StreamSettings(chunk_s=0.5, max_chunks=12, partial_tokens=6, final_tokens_per_s=4)
+
+
+@pytest.fixture(scope="module")
+def stream_llm(tiny_base):
+    from experiments.serving.engine import close_llm, make_llm
+    from experiments.serving.streaming import streaming_engine_args
+
+    llm = make_llm(tiny_base, **streaming_engine_args(STREAM))
+    yield llm
+    close_llm(llm)
+
+
 @pytest.mark.engine
-def test_streaming_reuses_the_prefix_cache_and_decodes_as_the_twin(speech_clips, tiny_base):
+def test_streaming_reuses_the_prefix_cache_and_decodes_as_the_twin(speech_clips, tiny_base, stream_llm):
     """Through vLLM: (1) from the 2nd update on, the prefix cache covers all but the new
     chunk, the instruction and the answer prefix (whole blocks of the previous prompt), as
     vLLM's own counters say, and the encoder runs on the new chunk only; (2) the final transcript equals the HF twin's greedy decoding
     of the same chunked layout; (3) a stream whose source breaks keeps its partials, marked
-    not final, and leaves nothing behind: the next stream's updates equal a fresh engine's."""
-    from experiments.serving.engine import EncoderProbe, chat_prompt, close_llm, make_llm
-    from experiments.serving.streaming import (
-        BLOCK_SIZE,
-        StreamingTranscriber,
-        streaming_engine_args,
-    )
+    not final, and leaves nothing behind: the next stream's updates equal those of the
+    engine's first stream, when it was fresh."""
+    from experiments.serving.engine import EncoderProbe, chat_prompt
+    from experiments.serving.streaming import BLOCK_SIZE, StreamingTranscriber
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
     from qwen2_audio_vllm.hf import greedy_transcribe
 
-    settings = StreamSettings(chunk_s=0.5, max_chunks=12, partial_tokens=6, final_tokens_per_s=4)
+    settings, llm = STREAM, stream_llm
     audio = np.concatenate([a for _, a, _ in speech_clips[:3]])[: int(3.2 * SAMPLE_RATE)]
     chunks = in_chunks(audio, settings.chunk_s)
 
@@ -96,23 +109,14 @@ def test_streaming_reuses_the_prefix_cache_and_decodes_as_the_twin(speech_clips,
         yield from chunks[:3]
         raise ConnectionError("caller hung up")
 
-    llm = make_llm(tiny_base, **streaming_engine_args(settings))
-    try:
-        st = StreamingTranscriber(llm, settings)
-        tok = st.tokenizer
-        llm.apply_model(EncoderProbe())  # installs the probe
-        updates = st.run(chunks)
-        (encoder_calls,) = llm.apply_model(EncoderProbe())
-        counters = {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:prefix_cache")}
-        cut = st.run(broken())
-        again = st.run(chunks)
-    finally:
-        close_llm(llm)
-    fresh_llm = make_llm(tiny_base, **streaming_engine_args(settings))
-    try:
-        fresh = StreamingTranscriber(fresh_llm, settings).run(chunks)
-    finally:
-        close_llm(fresh_llm)
+    st = StreamingTranscriber(llm, settings)
+    tok = st.tokenizer
+    llm.apply_model(EncoderProbe())  # installs the probe
+    updates = st.run(chunks)  # the fresh engine's first stream
+    (encoder_calls,) = llm.apply_model(EncoderProbe())
+    counters = {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:prefix_cache")}
+    cut = st.run(broken())
+    again = st.run(chunks)
 
     assert [u.chunks for u in updates] == [1, 2, 3, 4, 5, 6, 7] and [u.final for u in updates] == [False] * 6 + [True]
     def after_audio(prefix: str) -> int:  # prompt tokens after the last <|audio_eos|>
@@ -140,12 +144,11 @@ def test_streaming_reuses_the_prefix_cache_and_decodes_as_the_twin(speech_clips,
     assert readable(updates[-1].text) == readable(processor.tokenizer.decode(tokens[0], skip_special_tokens=True))
 
     assert [u.final for u in cut] == [False] * 3 and "caller hung up" in cut[-1].error and "not final" in cut[-1].error
-    assert [(u.text, u.prompt_tokens) for u in again] == [(u.text, u.prompt_tokens) for u in fresh]
     assert [(u.text, u.prompt_tokens) for u in again] == [(u.text, u.prompt_tokens) for u in updates]
 
 
 @pytest.mark.engine
-def test_realtime_client_against_vllm_serve(speech_clips, tiny_base, tmp_path):
+def test_realtime_client_against_vllm_serve(speech_clips, tiny_base, stream_llm, tmp_path):
     """mode=realtime against `vllm serve` with streaming.serve_flags: every clip gives a
     partial per chunk and a final; from the 2nd update on the server reports prefix-cache
     hits; the prompts are token for token those of the offline StreamingTranscriber; an
@@ -154,16 +157,10 @@ def test_realtime_client_against_vllm_serve(speech_clips, tiny_base, tmp_path):
     import json
 
     from experiments.serving.client import realtime, served_model
-    from experiments.serving.engine import close_llm, make_llm
     from experiments.serving.server import Server
-    from experiments.serving.streaming import (
-        BLOCK_SIZE,
-        StreamingTranscriber,
-        serve_flags,
-        streaming_engine_args,
-    )
+    from experiments.serving.streaming import BLOCK_SIZE, StreamingTranscriber, serve_flags
 
-    settings = StreamSettings(chunk_s=0.5, max_chunks=12, partial_tokens=6, final_tokens_per_s=4)
+    settings = STREAM
     (tmp_path / "broken.wav").write_bytes(b"RIFF not audio")
     rows = [{"audio_filepath": str(p), "text": t} for p, _, t in speech_clips[:2]]
     rows.append({"audio_filepath": str(tmp_path / "broken.wav"), "text": "x"})
@@ -174,11 +171,7 @@ def test_realtime_client_against_vllm_serve(speech_clips, tiny_base, tmp_path):
         result = asyncio.run(go())
     summary, streams = result["summary"], result["streams"]
     json.dumps(result)  # the report is plain JSON
-    llm = make_llm(tiny_base, **streaming_engine_args(settings))
-    try:
-        offline = [StreamingTranscriber(llm, settings).run(in_chunks(a, settings.chunk_s)) for _, a, _ in speech_clips[:2]]
-    finally:
-        close_llm(llm)
+    offline = [StreamingTranscriber(stream_llm, settings).run(in_chunks(a, settings.chunk_s)) for _, a, _ in speech_clips[:2]]
 
     for got, want, (_, audio, _) in zip(streams, offline, speech_clips, strict=False):
         assert len(got) == len(audio) // settings.chunk + 1 and got[-1]["final"]
@@ -191,6 +184,7 @@ def test_realtime_client_against_vllm_serve(speech_clips, tiny_base, tmp_path):
     assert summary["final_minus_whole"]["n_utts"] == 2  # the broken file is left out of the paired difference
 
 
+@pytest.mark.slow
 def test_chunked_cache_and_align_use_the_stream_layout(speech_clips, tiny_base, tmp_path):
     """train.chunk_s: the encoder cache holds each chunk encoded alone (what a stream's items
     are), the batcher's prompt is the stream's multi-audio prompt, and align trains on it."""

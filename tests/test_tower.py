@@ -59,33 +59,65 @@ def test_int8_weight_bytes_and_fp8_estimate(tiny_base):
     assert 0.9 < e["linear_share"] < 1 and 1.5 < e["encoder_speedup_bound"] < 2
 
 
-def _served(ckpt, speech_clips, capfd, **overrides):
-    from experiments.serving.engine import EmbedAudio, close_llm, make_llm
+def _shard_widths(model) -> tuple[int, int]:
+    first = model.audio_tower.layers[0]
+    return first.self_attn.qkv_proj.output_size_per_partition, first.mlp.fc1.output_size_per_partition
+
+
+def _served(ckpt, speech_clips, capfd, **overrides) -> dict:
+    """One engine's audio embeddings, greedy tokens and tower shard widths for the clips, and
+    what it logged."""
+    from vllm import SamplingParams
+
+    from experiments.serving.engine import (
+        EmbedAudio,
+        audio_request,
+        chat_prompt,
+        close_llm,
+        make_llm,
+    )
     from qwen2_audio_vllm.checkpoint import load_processor
 
     fe = load_processor(ckpt).feature_extractor
-    feats = fe([a for _, a, _ in speech_clips], sampling_rate=16000, return_attention_mask=True, return_tensors="pt")
-    llm = make_llm(ckpt, **overrides)
+    audios = [a for _, a, _ in speech_clips]
+    feats = fe(audios, sampling_rate=16000, return_attention_mask=True, return_tensors="pt")
+    llm = make_llm(ckpt, distributed_executor_backend="mp", **overrides)
     try:
         emb = llm.apply_model(EmbedAudio(feats["input_features"], feats["attention_mask"]))[0]
+        prompt = chat_prompt(llm.get_tokenizer())
+        outs = llm.generate([audio_request(prompt, a) for a in audios], SamplingParams(max_tokens=16, temperature=0))
+        widths = llm.apply_model(_shard_widths)
     finally:
         close_llm(llm)
     captured = capfd.readouterr()  # vLLM logs INFO to stdout, errors to stderr
-    return emb, captured.out + captured.err
+    return {"emb": emb, "tokens": [o.outputs[0].token_ids for o in outs], "widths": widths,
+            "log": captured.out + captured.err}
 
 
 @pytest.mark.engine
-def test_int8_tower_serves_close_to_full_precision_and_logs_it(tiny_base, speech_clips, capfd, monkeypatch):
+def test_full_int8_and_two_ranks_serve_the_tower(tiny_base, speech_clips, capfd, monkeypatch):
+    """Three engines on the tiny base. Full precision in one worker process and int8 each log
+    the tower's precision, and int8's embeddings are close to full precision's. Two CPU
+    worker processes, one core each: the tower's linears are split across them like the
+    language model's, and greedy tokens are those of one process."""
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")  # vLLM's default; the apps (quiet_vllm) lower it
-    full, full_log = _served(tiny_base, speech_clips, capfd)
-    int8, int8_log = _served(tiny_base, speech_clips, capfd, hf_overrides={"audio_tower_quantization": "int8"})
-    assert "audio tower: 4 layers, d=384, full precision (float32)" in full_log
-    assert "audio tower: 4 layers, d=384, int8 W8A8" in int8_log and "full precision" not in int8_log
-    for a, b in zip(full, int8, strict=True):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    full = _served(tiny_base, speech_clips, capfd)
+    int8 = _served(tiny_base, speech_clips, capfd, hf_overrides={"audio_tower_quantization": "int8"})
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank
+    two = _served(tiny_base, speech_clips, capfd, tensor_parallel_size=2)
+
+    assert "audio tower: 4 layers, d=384, full precision (float32)" in full["log"]
+    assert "audio tower: 4 layers, d=384, int8 W8A8" in int8["log"] and "full precision" not in int8["log"]
+    for a, b in zip(full["emb"], int8["emb"], strict=True):
         assert a.shape == b.shape
         cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
         assert 0.99 < cos < 1.0  # quantized (not the same numbers), and close
+    d, ffn = 384, 1536
+    assert full["widths"] == [(3 * d, ffn)]
+    assert two["widths"] == [(3 * d // 2, ffn // 2)] * 2  # each rank holds half of q/k/v and of fc1
+    assert two["tokens"] == full["tokens"]
 
 
 @pytest.mark.engine
@@ -122,35 +154,3 @@ def test_checkpoint_with_a_quantized_tower_is_refused(tiny_base, tmp_path, capfd
     captured = capfd.readouterr()
     err = captured.out + captured.err
     assert "audio_tower.layers.0.fc1.weight (int8) is quantized in a scheme the audio tower cannot load" in err
-
-
-def _shard_widths(model) -> tuple[int, int]:
-    first = model.audio_tower.layers[0]
-    return first.self_attn.qkv_proj.output_size_per_partition, first.mlp.fc1.output_size_per_partition
-
-
-@pytest.mark.engine
-def test_tensor_parallel_shards_the_tower_and_keeps_greedy_tokens(tiny_base, speech_clips, monkeypatch):
-    """Two CPU worker processes, one core each: the tower's linears are split across them
-    like the language model's, and greedy tokens are those of one process."""
-    from vllm import SamplingParams
-
-    from experiments.serving.engine import audio_request, chat_prompt, close_llm, make_llm
-
-    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    greedy = SamplingParams(max_tokens=16, temperature=0)
-    tokens, widths = {}, {}
-    for tp in (1, 2):
-        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1" if tp == 1 else "0|1")  # one core per rank
-        llm = make_llm(tiny_base, tensor_parallel_size=tp, distributed_executor_backend="mp")
-        try:
-            prompt = chat_prompt(llm.get_tokenizer())
-            outs = llm.generate([audio_request(prompt, a) for _, a, _ in speech_clips], greedy)
-            tokens[tp] = [o.outputs[0].token_ids for o in outs]
-            widths[tp] = llm.apply_model(_shard_widths)
-        finally:
-            close_llm(llm)
-    d, ffn = 384, 1536
-    assert widths[1] == [(3 * d, ffn)]
-    assert widths[2] == [(3 * d // 2, ffn // 2)] * 2  # each rank holds half of q/k/v and of fc1
-    assert tokens[2] == tokens[1]

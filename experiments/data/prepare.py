@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from experiments.data import SyntheticSpec, build_synthetic, tokenizer_corpus
-from qwen2_audio_vllm.checkpoint import cache_root
+from qwen2_audio_vllm.checkpoint import cache_lock, cache_root
 from qwen2_audio_vllm.tiny import TinySpec, build_hub_tiny, build_tiny_checkpoint
 
 
@@ -26,8 +26,9 @@ def random_tiny_dir(spec: TinySpec = TinySpec()) -> Path:
 def ensure_random_tiny(spec: TinySpec = TinySpec()) -> Path:
     """The untrained tiny checkpoint (random weights), built once."""
     out = random_tiny_dir(spec)
-    if not (out / "config.json").exists():
-        build_tiny_checkpoint(out, tokenizer_corpus(), spec)
+    with cache_lock(out):
+        if not (out / "config.json").exists():
+            build_tiny_checkpoint(out, tokenizer_corpus(), spec)
     return out
 
 
@@ -35,13 +36,16 @@ def ensure_hub_tiny(spec: TinySpec = TinySpec()) -> Path:
     """A random tiny Qwen2-Audio in exactly the hub layout of Qwen/Qwen2-Audio-7B-Instruct
     (built once): point QWEN2_AUDIO_7B_DIR at it to run the 7B path on CPU."""
     out = cache_root() / "models" / f"hub-tiny-{spec.key()}" / "Qwen2-Audio-7B-Instruct"
-    if not (out / "config.json").exists():
-        build_hub_tiny(out, tokenizer_corpus(), spec)
+    with cache_lock(out):
+        if not (out / "config.json").exists():
+            build_hub_tiny(out, tokenizer_corpus(), spec)
     return out
 
 
 def ensure_synthetic(spec: SyntheticSpec = SyntheticSpec()) -> dict[str, Path]:
-    return build_synthetic(cache_root() / "data" / f"synthetic-{spec.key()}", spec)
+    out = cache_root() / "data" / f"synthetic-{spec.key()}"
+    with cache_lock(out):
+        return build_synthetic(out, spec)
 
 
 def default_config(overrides: list[str] | None = None):
@@ -116,18 +120,18 @@ def ensure_base(model: dict, manifests: dict[str, Path], artifacts: Path, traine
     p = model["pretrain"]
     key = _short_hash(json.dumps([spec.key(), p, str(manifests["train"]), str(manifests["dev"])], sort_keys=True))
     out = cache_root() / "models" / f"tiny-base-{key}"
-    if (out / "pretrain.json").exists():
-        return out
-    from experiments.data import read_manifest
-    from experiments.training.train import TrainSettings, pretrain
+    with cache_lock(out):
+        if (out / "pretrain.json").exists():
+            return out
+        from experiments.data import read_manifest
+        from experiments.report import write_json_atomic
+        from experiments.training.train import TrainSettings, pretrain
 
-    settings = TrainSettings(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], warmup=p["warmup"], eval_every=p["eval_every"])
-    result = pretrain(ensure_random_tiny(spec), read_manifest(manifests["train"]), read_manifest(manifests["dev"]), out,
-                      settings, trainer or TrainerSettings(), ctc_weight=p.get("ctc_weight", 0.0),
-                      ctc_units=p.get("ctc_units", "tokens"), freeze_encoder=p.get("freeze_encoder", False))
-    from experiments.report import write_json_atomic
-
-    write_json_atomic(out / "pretrain.json", result)
+        settings = TrainSettings(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], warmup=p["warmup"], eval_every=p["eval_every"])
+        result = pretrain(ensure_random_tiny(spec), read_manifest(manifests["train"]), read_manifest(manifests["dev"]), out,
+                          settings, trainer or TrainerSettings(), ctc_weight=p.get("ctc_weight", 0.0),
+                          ctc_units=p.get("ctc_units", "tokens"), freeze_encoder=p.get("freeze_encoder", False))
+        write_json_atomic(out / "pretrain.json", result)
     return out
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from experiments.data.audio import load_audio
 from experiments.report import write_json_atomic
+from qwen2_audio_vllm.checkpoint import cache_lock
 from qwen2_audio_vllm.encoder import mel_features, pad_mels
 from qwen2_audio_vllm.hf import Qwen2AudioSwap
 
@@ -147,11 +148,12 @@ def load_or_build(
     lengths (N,). With `chunk_samples`: per row the list of its chunks' frames, and the
     rows' total lengths."""
     key = cache_key(model, processor, rows, store_dtype, chunk_samples)
-    if not is_valid(cache_dir, key):
-        if (cache_dir / "index.json").exists():
-            print(f"[cache] {cache_dir} is stale or corrupt; rebuilding")
-        build(model, processor, rows, cache_dir, key, batch_size, store_dtype, chunk_samples)
-    index = json.loads((cache_dir / "index.json").read_text())
+    with cache_lock(cache_dir):
+        if not is_valid(cache_dir, key):
+            if (cache_dir / "index.json").exists():
+                print(f"[cache] {cache_dir} is stale or corrupt; rebuilding")
+            build(model, processor, rows, cache_dir, key, batch_size, store_dtype, chunk_samples)
+        index = json.loads((cache_dir / "index.json").read_text())
     tensors: dict[str, torch.Tensor] = {}
     for shard in index["shards"]:
         tensors.update(load_file(cache_dir / shard["file"]))
