@@ -23,7 +23,11 @@ Why this is exact for Qwen2-Audio's (Whisper) encoder, up to float rounding:
 
 Used by the HF twin and the encoder cache, over transformers' module. The vLLM fork's tower
 (tower.py, built from vLLM's layers) does the same cut, with the clips packed into one
-sequence; `trim_audio_padding` in config.json (default on) switches both.
+sequence; `trim_audio_padding` in config.json (default on) switches both. The pieces both
+share are here, one implementation each: the lengths (`output_lengths`), the width a clip
+keeps (`kept_width`), the conv stem with positions (`conv_stem`) and the pool before the
+final norm (`pool_and_norm`); they read the modules' common names (conv1, conv2,
+embed_positions, layer_norm).
 """
 
 from __future__ import annotations
@@ -65,10 +69,32 @@ def pad_mels(mels: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.
     return feats, mask.long()
 
 
-def output_lengths(mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def output_lengths(mel_lengths: torch.Tensor | int) -> tuple[torch.Tensor | int, torch.Tensor | int]:
     """Mel frames (100/s) -> (frames after the stride-2 conv, 50/s; after the avg-pool, 25/s)."""
     conv = (mel_lengths - 1) // 2 + 1
     return conv, (conv - 2) // 2 + 1
+
+
+def kept_width(width: int, conv_len: int) -> int:
+    """Mel frames kept of a (batch of) clip(s) whose longest has `conv_len` frames after the
+    conv stem: its real frames (2 * conv_len >= its mel length) plus MEL_MARGIN, at most the
+    window's `width`, in whole stride-2 steps."""
+    keep = min(width, 2 * conv_len + MEL_MARGIN)
+    return keep + keep % 2
+
+
+def conv_stem(module, features: torch.Tensor) -> torch.Tensor:
+    """Mel features (B, n_mels, L) -> (B, (L - 1) // 2 + 1, d): the two convolutions (GELU,
+    the second with stride 2) plus the absolute positions."""
+    x = F.gelu(module.conv2(F.gelu(module.conv1(features.to(module.conv1.weight.dtype))))).transpose(1, 2)
+    return x + module.embed_positions.weight[: x.shape[1]]
+
+
+def pool_and_norm(module, x: torch.Tensor) -> torch.Tensor:
+    """(..., T, d) encoder frames -> (..., T // 2, d): Qwen2-Audio's stride-2 average pool (a
+    trailing odd frame dropped), then the final layer norm."""
+    pairs = x.shape[-2] // 2
+    return module.layer_norm(x[..., : 2 * pairs, :].unflatten(-2, (pairs, 2)).mean(-2))
 
 
 def buckets(lengths: list[int], ratio: float = BUCKET_RATIO) -> list[list[int]]:
@@ -102,13 +128,12 @@ def encode_frames(tower, input_features: torch.Tensor, conv_len: torch.Tensor, t
     t_max = max(1, (int(conv_len.max()) - 2) // 2 + 1)  # pooled frames of the longest clip
     groups = buckets(conv_len.tolist())
     if len(groups) == 1:  # one bucket: cut the batch in place, no gather and scatter copies
-        keep = min(width, 2 * int(conv_len.max()) + MEL_MARGIN)
-        return _encode(tower, input_features[..., : keep + keep % 2], conv_len)[:, :t_max]
+        keep = kept_width(width, int(conv_len.max()))
+        return _encode(tower, input_features[..., :keep], conv_len)[:, :t_max]
     out = None
     for group in groups:
         idx = torch.tensor(group, device=input_features.device)
-        keep = min(width, 2 * int(conv_len[idx].max()) + MEL_MARGIN)  # 2 * conv length >= mel length
-        keep += keep % 2  # whole stride-2 steps
+        keep = kept_width(width, int(conv_len[idx].max()))
         frames = _encode(tower, input_features[idx, :, :keep], conv_len[idx])[:, :t_max]  # (b, <= T, d)
         if out is None:
             out = frames.new_zeros(input_features.shape[0], t_max, frames.shape[2])
@@ -121,16 +146,12 @@ def _encode(tower, input_features: torch.Tensor, conv_len: torch.Tensor, pool: b
     attention restricted to the first conv_len[i] positions of clip i. pool=False skips the
     average pool: Whisper's own encoder output (50/s), which Qwen2-Audio pools before its
     final layer norm."""
-    x = input_features.to(tower.conv1.weight.dtype)
-    x = F.gelu(tower.conv2(F.gelu(tower.conv1(x)))).permute(0, 2, 1)  # (B, T_conv, d)
+    x = conv_stem(tower, input_features)  # (B, T_conv, d)
     B, T, _ = x.shape
-    x = x + tower.embed_positions.weight[:T]
     padding = torch.arange(T, device=x.device)[None, :] >= conv_len.to(x.device)[:, None]  # (B, T)
     # (B, 1, 1, T), broadcast over heads and queries: upstream materialises (B, 1, T, T)
     attn = torch.zeros((B, 1, 1, T), dtype=x.dtype, device=x.device)
     attn.masked_fill_(padding[:, None, None, :], float("-inf"))
     for layer in tower.layers:
         x = layer(x, attn)
-    if pool:
-        x = tower.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)  # (B, T_conv // 2, d)
-    return tower.layer_norm(x)
+    return pool_and_norm(tower, x) if pool else tower.layer_norm(x)

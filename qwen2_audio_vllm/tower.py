@@ -10,9 +10,9 @@ segments, `quant_config` passed down). `AudioTower` stacks those layers between 
 stem, the positions and the pool, and loads the checkpoint's names (`self_attn.q_proj`,
 `fc1`, ...) through vLLM's own Whisper weight mapper.
 
-Real frames (what `encoder.RealFramesEncoder` does with transformers' module): every clip
-is cut to its real frames plus the few the convolutions reach and the clips are packed into
-one sequence; the attention's variable-length segments (`cu_seqlens`) keep each clip to
+Real frames (what `encoder.encode` does with transformers' module, through the same
+`encoder` pieces: lengths, kept width, conv stem, pool and norm): every clip is cut to its
+real frames plus the few the convolutions reach and the clips are packed into one sequence; the attention's variable-length segments (`cu_seqlens`) keep each clip to
 itself. With `trim=False` each clip runs over the whole window, its padded tail a segment
 of its own, so real frames never attend to padding, as upstream's mask does.
 
@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 from vllm.model_executor.layers.attention.mm_encoder_attention import MMEncoderAttention
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
@@ -52,7 +51,7 @@ from vllm.model_executor.models.whisper import (
 from vllm.model_executor.utils import replace_parameter
 from vllm.platforms import current_platform
 
-from qwen2_audio_vllm.encoder import MEL_MARGIN
+from qwen2_audio_vllm.encoder import conv_stem, kept_width, output_lengths, pool_and_norm
 
 logger = logging.getLogger("vllm." + __name__)  # vLLM's handler, so it reaches the engine log
 
@@ -198,22 +197,20 @@ class AudioTower(nn.Module):
             WhisperEncoderLayer(vllm_config=layer_config, prefix=f"{prefix}.layers.{i}")
             for i in range(audio_config.encoder_layers)
         )
-        self.avg_pooler = nn.AvgPool1d(2, stride=2)
         self.layer_norm = nn.LayerNorm(d)
         self.precision = describe(self.quant_config, torch.get_default_dtype(), vllm_config.model_config.quantization)
         logger.info("audio tower: %d layers, d=%d, %s", audio_config.encoder_layers, d, self.precision)
 
     @staticmethod
     def _get_feat_extract_output_lengths(input_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        conv = (input_lengths - 1) // 2 + 1
-        return conv, (conv - 2) // 2 + 1
+        """The name upstream's model calls on transformers' encoder."""
+        return output_lengths(input_lengths)
 
     def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> BaseModelOutput:
         from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
-        width = (input_features.shape[-1] - 1) // 2 + 1
         if attention_mask is None:
-            conv_len = torch.full((input_features.shape[0],), width)
+            conv_len = torch.full((input_features.shape[0],), output_lengths(input_features.shape[-1])[0])
         else:
             conv_len = (attention_mask[:, 0, 0, :] == 0).sum(-1)
         with gpu_sync_allowed():  # segment lengths are Python ints
@@ -225,11 +222,10 @@ class AudioTower(nn.Module):
         width = input_features.shape[-1]
         stems, segments = [], []
         for i, n in enumerate(conv_len):
-            keep = min(width, 2 * n + MEL_MARGIN) if self.trim else width
-            x = input_features[i : i + 1, :, : keep + keep % 2].to(self.conv1.weight.dtype)
-            x = F.gelu(self.conv2(F.gelu(self.conv1(x))))[0].T  # (T_i, d)
+            keep = kept_width(width, n) if self.trim else width
+            x = conv_stem(self, input_features[i : i + 1, :, :keep])[0]  # (T_i, d)
             x = x[:n] if self.trim else x
-            stems.append(x + self.embed_positions.weight[: x.shape[0]])
+            stems.append(x)
             segments += [n, x.shape[0] - n] if x.shape[0] > n else [n]  # a padded tail is its own segment
         hidden = torch.cat(stems)
         bounds = np.concatenate([[0], np.cumsum(segments)]).astype(np.int32)
@@ -240,13 +236,11 @@ class AudioTower(nn.Module):
         seq_lens = MMEncoderAttention.maybe_compute_seq_lens(backend, bounds, hidden.device)
         for layer in self.layers:
             hidden = layer(hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, sequence_lengths=seq_lens)
-        pooled_max = ((width - 1) // 2 + 1) // 2 if not self.trim else max(n // 2 for n in conv_len)
+        pooled_max = output_lengths(width)[0] // 2 if not self.trim else max(n // 2 for n in conv_len)
         out = hidden.new_zeros(len(conv_len), max(1, pooled_max), hidden.shape[-1])
         start = 0
         for i, stem in enumerate(stems):
-            n = conv_len[i] // 2 * 2
-            frames = hidden[start : start + n].view(n // 2, 2, -1).mean(1)  # the stride-2 average pool
-            out[i, : n // 2] = self.layer_norm(frames)
+            out[i, : conv_len[i] // 2] = pool_and_norm(self, hidden[start : start + conv_len[i]])
             start += stem.shape[0]
         return out
 

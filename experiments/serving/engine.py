@@ -159,13 +159,15 @@ class EncoderProbe:
     requirement as EmbedAudio."""
 
     def __call__(self, model) -> list[tuple[int, int]]:
+        from qwen2_audio_vllm.encoder import output_lengths
+
         tower = model.audio_tower
         if not hasattr(tower, "encoder_calls"):
             tower.encoder_calls = []
 
             def record(_module, args, kwargs, _out) -> None:
                 features, mask = args[0], kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-                width = (features.shape[-1] - 1) // 2 + 1  # positions after the stride-2 conv
+                width = output_lengths(features.shape[-1])[0]  # positions after the stride-2 conv
                 real = int((mask[:, 0, 0, :] == 0).sum()) if mask is not None else features.shape[0] * width
                 tower.encoder_calls.append((features.shape[0], real))
 
