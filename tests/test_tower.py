@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -57,6 +58,15 @@ def test_int8_weight_bytes_and_fp8_estimate(tiny_base):
     assert 3.9 < sizes["full"] / sizes["int8"] < 4.0  # 1 byte a weight plus a scale per channel
     e = fp8_estimate(5.0)
     assert 0.9 < e["linear_share"] < 1 and 1.5 < e["encoder_speedup_bound"] < 2
+
+
+def _int8_cos_min() -> float:
+    """How close int8 embeddings are to full precision's (cosine, per clip) on this CPU.
+    oneDNN's int8 GEMM accumulates u8 x s8 products exactly in int32 with VNNI or AMX; on AVX2
+    alone it adds them in pairs in saturating int16 (vpmaddubsw), which costs closeness:
+    per clip 0.974-0.993 on the tiny base's 8 clips on a 2-core AVX2-only x86_64 VM."""
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    return 0.99 if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} else 0.97
 
 
 def _shard_widths(model) -> tuple[int, int]:
@@ -113,7 +123,7 @@ def test_full_int8_and_two_ranks_serve_the_tower(tiny_base, speech_clips, capfd,
     for a, b in zip(full["emb"], int8["emb"], strict=True):
         assert a.shape == b.shape
         cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
-        assert 0.99 < cos < 1.0  # quantized (not the same numbers), and close
+        assert _int8_cos_min() < cos < 1.0  # quantized (not the same numbers), and close
     d, ffn = 384, 1536
     assert full["widths"] == [(3 * d, ffn)]
     assert two["widths"] == [(3 * d // 2, ffn // 2)] * 2  # each rank holds half of q/k/v and of fc1
