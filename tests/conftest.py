@@ -79,7 +79,6 @@ def pytest_itemcollected(item) -> None:
         item.add_marker(pytest.mark.slow)
 
 
-
 @pytest.fixture(scope="session")
 def hub_tiny() -> Path:
     """A tiny random Qwen2-Audio laid out exactly like the hub's Qwen2-Audio-7B-Instruct."""
@@ -149,4 +148,3 @@ def tiny_server(tiny_base, tmp_path_factory):
     engine = {"max_num_seqs": 32, "trust_request_mm_kwargs": True}
     with Server(tiny_base, engine, log_dir=tmp_path_factory.mktemp("serve")) as server:
         yield server
-
