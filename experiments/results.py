@@ -149,7 +149,7 @@ def main(cfg: DictConfig) -> None:
         for n in names:
             print(f"{n:15s} {shlex.join(table[n][1](out, Path('<base checkpoint>'), placeholder))}")
         return
-    from experiments.data.prepare import default_base
+    from experiments.training.base import default_base
 
     bases = {model: default_base(model) for model in {ENTRY_MODELS.get(n) for n in names}}  # built once if missing
     commands = {n: (table[n][0], table[n][1](out, *bases[ENTRY_MODELS.get(n)])) for n in names}

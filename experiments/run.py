@@ -63,12 +63,13 @@ def projector_block(cfg: DictConfig, base_dir: Path) -> dict:
 def prepare(cfg: DictConfig, state: dict) -> dict:
     """Data manifests and the base checkpoint exist (built once, cached)."""
     from experiments.data import prepare as prep
+    from experiments.training.base import ensure_base
     from experiments.training.devices import main_first
 
     with main_first():  # under torchrun, process 0 builds; the others find it built
         manifests = prep.ensure_data(OmegaConf.to_container(cfg.data, resolve=True), Path(cfg.artifacts_dir))
         model = OmegaConf.to_container(cfg.model, resolve=True)
-        base_dir = prep.ensure_base(model, manifests, Path(cfg.artifacts_dir), trainer_settings(cfg))
+        base_dir = ensure_base(model, manifests, Path(cfg.artifacts_dir), trainer_settings(cfg))
     return {"manifests": {k: str(v) for k, v in manifests.items()}, "base_dir": str(base_dir)}
 
 

@@ -137,4 +137,4 @@ if [ -n "$missing" ]; then
   $sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq $missing >/dev/null
 fi
 
-"$venv/bin/python" -m experiments.data.prepare
+"$venv/bin/python" -m experiments.prepare data=false

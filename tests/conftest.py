@@ -82,7 +82,7 @@ def pytest_itemcollected(item) -> None:
 @pytest.fixture(scope="session")
 def hub_tiny() -> Path:
     """A tiny random Qwen2-Audio laid out exactly like the hub's Qwen2-Audio-7B-Instruct."""
-    from experiments.data.prepare import ensure_hub_tiny
+    from experiments.training.base import ensure_hub_tiny
 
     return ensure_hub_tiny()
 
@@ -90,7 +90,7 @@ def hub_tiny() -> Path:
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
     """The tiny random-weight base checkpoint (built once, cached)."""
-    from experiments.data.prepare import ensure_random_tiny
+    from experiments.training.base import ensure_random_tiny
 
     return ensure_random_tiny()
 

@@ -16,7 +16,7 @@ APPS = {  # module -> its config in conf/apps/
     "experiments.evaluate": "evaluate",
     "experiments.results": "results",
     "experiments.derive": "derive",
-    "experiments.data.prepare": "prepare",
+    "experiments.prepare": "prepare",
     "experiments.benchmarks.fork": "bench_fork",
     "experiments.benchmarks.cache": "bench_cache",
     "experiments.benchmarks.features": "bench_features",
@@ -83,15 +83,67 @@ def test_bad_values_say_what_to_give(argv, message, tmp_path):
 
 
 def test_default_config_composes_inside_another_app():
-    """experiments.results and long_form call data.prepare.default_base from inside their
+    """experiments.results and long_form call training.base.default_base from inside their
     own Hydra app; composing the main config there must work and leave the app's state."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from experiments.data.prepare import default_config
+    from experiments.training.base import default_config
 
     with initialize_config_dir(str(ROOT / "conf" / "apps"), version_base=None):
         outer = compose("results")
         cfg = default_config()
         assert cfg.model.name == "tiny" and cfg.data.name == "synthetic"
         assert GlobalHydra.instance().is_initialized() and compose("results").names == outer.names
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports, at the top or inside a function."""
+    import ast
+
+    modules = {}
+    for f in [*ROOT.glob("experiments/**/*.py"), *ROOT.glob("qwen2_audio_vllm/**/*.py"), *ROOT.glob("projectors/**/*.py")]:
+        parts = f.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+
+    def owner(name: str) -> str:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph: dict[str, set[str]] = {}
+    for name, f in modules.items():
+        package = name if f.name == "__init__.py" else name.rpartition(".")[0]
+        targets = []
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                targets += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, base] if base else up)
+                targets += [f"{base}.{a.name}" for a in node.names]
+        graph[name] = {owner(t) for t in targets} - {"", name}
+    return graph
+
+
+def test_the_project_imports_one_way():
+    """No import circle, not even through a function-level import: a circle means a module
+    does two jobs (the base checkpoint was once built by data preparation, which the
+    trainer's export path imported back)."""
+    graph = import_graph()
+    assert "experiments.training.base" in graph["experiments.run"]  # the walk sees function-level imports
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for nxt in sorted(graph[module]):
+            assert state.get(nxt) != "open", f"import circle: {' -> '.join([*path, module, nxt])}"
+            if nxt not in state:
+                visit(nxt, [*path, module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])

@@ -79,7 +79,7 @@ def test_adopt_links_weights_and_is_idempotent(hub_tiny, tmp_path):
 
 
 def test_bad_model_directories_get_clear_errors(tmp_path):
-    from experiments.data.prepare import ensure_base
+    from experiments.training.base import ensure_base
 
     model = {"name": "qwen2-audio-7b", "path": str(tmp_path / "nowhere"), "path_env": "QWEN2_AUDIO_7B_DIR"}
     with pytest.raises(FileNotFoundError, match=r"does not exist; set QWEN2_AUDIO_7B_DIR to a local directory of Qwen/Qwen2-Audio-7B-Instruct"):

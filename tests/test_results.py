@@ -46,8 +46,8 @@ def test_cli_lists_and_rejects_unknown_entries():
 
 def test_entries_on_another_model_compose_its_config():
     """The small entries evaluate model=small's base: the name is an entry and composes."""
-    from experiments.data.prepare import default_config
     from experiments.results import ENTRY_MODELS
+    from experiments.training.base import default_config
 
     assert set(ENTRY_MODELS) <= set(entries())
     for model in set(ENTRY_MODELS.values()):

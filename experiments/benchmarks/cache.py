@@ -29,7 +29,8 @@ def main(cfg: DictConfig) -> None:
     check_rounds(cfg.steps)
     from experiments.data import read_manifest
     from experiments.data.audio import load_audio
-    from experiments.data.prepare import ensure_random_tiny, ensure_synthetic
+    from experiments.data.prepare import ensure_synthetic
+    from experiments.training.base import ensure_random_tiny
     from experiments.training.cache import load_or_build, pad_frames
     from experiments.training.train import TextBatcher
     from qwen2_audio_vllm.checkpoint import cache_root, load_model, load_processor

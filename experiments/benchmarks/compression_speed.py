@@ -35,7 +35,7 @@ from qwen2_audio_vllm.tiny import TinySpec
 def random_checkpoints(model: str, variants: list[dict]) -> tuple[Path, dict[str, Path]]:
     """(baseline, {label: variant}) random-weight checkpoints at `model`'s dims, the
     baseline with the linear stack-1 connector, built once under the model cache."""
-    from experiments.data.prepare import ensure_random_tiny
+    from experiments.training.base import ensure_random_tiny
     from qwen2_audio_vllm.checkpoint import cache_lock, load_model, load_processor, save_checkpoint
 
     base = ensure_random_tiny(model_dims(model))

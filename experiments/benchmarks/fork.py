@@ -41,8 +41,9 @@ def main(cfg: DictConfig) -> None:
     from vllm import LLM
 
     from experiments.data import read_manifest
-    from experiments.data.prepare import ensure_random_tiny, ensure_synthetic
+    from experiments.data.prepare import ensure_synthetic
     from experiments.serving.engine import close_llm, engine_kwargs, make_llm
+    from experiments.training.base import ensure_random_tiny
 
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else ensure_random_tiny()
     rows = read_manifest(ensure_synthetic()["test"])

@@ -30,7 +30,7 @@ def aligned_checkpoint(overrides: list[str]) -> Path:
     """The checkpoint `python -m experiments.run experiment=hotwords <overrides>` aligns
     (aligned here if its align key has no checkpoint yet)."""
     from experiments import run
-    from experiments.data.prepare import default_config
+    from experiments.training.base import default_config
 
     cfg = default_config(["experiment=hotwords", *overrides])
     state = run.prepare(cfg, {})
@@ -98,16 +98,17 @@ def table(result: dict) -> str:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from experiments.data import prepare, read_manifest
+    from experiments.data import read_manifest
     from experiments.data.bias import bias_lists, bias_words, distractor_pool, word_counts
     from experiments.evaluate import transcribe
     from experiments.metrics import biased_wer
     from experiments.report import write_json_atomic
     from experiments.serving.engine import close_llm, make_llm, quiet_vllm
+    from experiments.training.base import default_base
 
     quiet_vllm(cfg.verbose)
     out = Path(HydraConfig.get().runtime.output_dir)
-    _, manifests = prepare.default_base()
+    _, manifests = default_base()
     counts = word_counts([r["text"] for r in read_manifest(manifests["train"])])
     rows = read_manifest(manifests[cfg.split])[: cfg.limit or None]
     texts = [r["text"] for r in rows]

@@ -40,7 +40,8 @@ def request_set(checkpoint: str | None, lengths_s: list[float], n: int) -> tuple
     """(checkpoint, request audio) of the side-by-side benchmark apps: the tiny random base
     unless a checkpoint is given, and `n` clips of synthetic test speech cut to `lengths_s`."""
     from experiments.data import read_manifest
-    from experiments.data.prepare import ensure_random_tiny, ensure_synthetic
+    from experiments.data.prepare import ensure_synthetic
+    from experiments.training.base import ensure_random_tiny
 
     ckpt = Path(checkpoint) if checkpoint else ensure_random_tiny()
     return ckpt, request_audio(read_manifest(ensure_synthetic()["test"]), lengths_s, n)

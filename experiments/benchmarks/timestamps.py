@@ -117,14 +117,15 @@ def table(result: dict) -> str:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from experiments.data import prepare, read_manifest
+    from experiments.data import read_manifest
     from experiments.data.word_times import ensure_word_times
     from experiments.evaluate import evaluate_checkpoint
     from experiments.report import write_json_atomic
     from experiments.serving.engine import quiet_vllm
     from experiments.timestamps import Aligner, ensure_head, load_head
+    from experiments.training.base import default_base
 
-    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else prepare.default_base()[0]
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else default_base()[0]
     if not (ckpt / "config.json").is_file():
         raise SystemExit(f"checkpoint={ckpt} is not a checkpoint directory (no config.json)")
     quiet_vllm(cfg.verbose)

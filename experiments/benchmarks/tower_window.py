@@ -60,10 +60,11 @@ def main(cfg: DictConfig) -> None:
     from experiments.metrics import normalize_text, wer_cer, wer_difference
     from experiments.report import write_json_atomic
     from experiments.timestamps import greedy, train_ctc_head
+    from experiments.training.base import ensure_random_tiny
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
-    base = Path(cfg.checkpoint) if cfg.checkpoint else prepare.ensure_random_tiny()
+    base = Path(cfg.checkpoint) if cfg.checkpoint else ensure_random_tiny()
     if not (base / "config.json").is_file():
         raise SystemExit(f"checkpoint={base} is not a checkpoint directory (no config.json); give one whose "
                          "audio_tower to probe, or leave checkpoint unset for the default tiny checkpoint")

@@ -109,14 +109,14 @@ def format_anchor(result: dict) -> str:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from experiments.data import prepare
     from experiments.report import write_json_atomic
     from experiments.serving.engine import quiet_vllm
+    from experiments.training.base import default_base
 
     if cfg.checkpoint:
-        ckpt, manifests = Path(cfg.checkpoint), prepare.default_base()[1]
+        ckpt, manifests = Path(cfg.checkpoint), default_base()[1]
     else:
-        ckpt, manifests = prepare.default_base()
+        ckpt, manifests = default_base()
     if not (ckpt / "config.json").is_file():
         raise SystemExit(f"checkpoint={ckpt} is not a checkpoint directory (no config.json)")
     if unknown := [s for s in cfg.splits if s not in manifests]:

@@ -224,7 +224,7 @@ def long_form_eval(ckpt: Path, rows: list[dict], seconds: float, n_clips: int, o
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from experiments.data import prepare
+    from experiments.training.base import default_base
 
     if cfg.strategy not in ("segments", "whole"):
         raise SystemExit(f"strategy={cfg.strategy}: expected segments (cut at pauses) or whole (encoder windows)")
@@ -232,7 +232,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.demo:
         from experiments.data import read_manifest
 
-        base, manifests = prepare.default_base()
+        base, manifests = default_base()
         r = long_form_eval(base, read_manifest(manifests["test"]), cfg.seconds, cfg.clips, Path("outputs/long_form"))
         print(f"{r['clips']} clips of {r['seconds']:.0f} s: utterances {r['utterances']}, segments found {r['segments_found']}")
         for s in ("own_files", "segments", "whole"):
@@ -245,7 +245,7 @@ def main(cfg: DictConfig) -> None:
     files = [Path(f) for f in cfg.files]
     from experiments.serving.engine import close_llm, make_llm
 
-    model = Path(cfg.model) if cfg.model else prepare.default_base()[0]
+    model = Path(cfg.model) if cfg.model else default_base()[0]
     audios = [load_audio(f) for f in files]
     if cfg.strategy == "whole":
         model = with_windows(model, max(len(a) for a in audios), Path("outputs/long_form"))

@@ -558,9 +558,10 @@ def comparison(dirs: list[Path]) -> str:
 
 @hydra.main(config_path="../../conf/apps", config_name="streaming", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from experiments.data import prepare, read_manifest
+    from experiments.data import read_manifest
     from experiments.serving.engine import close_llm, make_llm
     from experiments.serving.long_form import engine_len
+    from experiments.training.base import default_base
 
     if cfg.compare:
         missing = [d for d in cfg.compare if not (Path(d) / "streaming.json").is_file()]
@@ -571,9 +572,9 @@ def main(cfg: DictConfig) -> None:
     settings = StreamSettings(**cfg.stream)
     if not cfg.demo and not cfg.files:
         raise SystemExit("give audio files (files=[a.wav]), or demo=true, or compare=[demo out_dirs]")
-    model = Path(cfg.model) if cfg.model else prepare.default_base()[0]
+    model = Path(cfg.model) if cfg.model else default_base()[0]
     if cfg.demo:
-        manifests = prepare.default_base()[1]
+        manifests = default_base()[1]
         rows = read_manifest(manifests["test"])[: cfg.utterances]
         r = streaming_eval(model, rows, settings, cfg.long_clips, cfg.long_s, cfg.rounds, Path(cfg.out_dir))
         print(format_report(r))
