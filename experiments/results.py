@@ -1,4 +1,4 @@
-"""Regenerate every number the README quotes, with one command:
+"""Regenerate every figure the README and docs/ quote, with one command:
 
     make results                                   # all of them (hours on a 2-core CPU)
     .venv/bin/python -m experiments.results 'names=[fork,cache,features]'   # some of them
@@ -9,7 +9,7 @@ after the other (a failing one is recorded and the rest go on). Everything lands
 `outputs/results/<date>-<time>/`: `<entry>.log` (the command's whole output), the JSON
 files the commands write, and `results.md`, which opens with the machine, git SHA and
 package versions and gives, per entry, its command, exit status, wall time and the end of
-its output (the tables). Copy the tables into README.md from there.
+its output (the tables). Copy the tables into the page named beside each entry.
 """
 
 from __future__ import annotations
@@ -44,59 +44,59 @@ def entries() -> dict[str, tuple[str, Command]]:
     """name -> (README section, argv given (output dir, base checkpoint, manifests)); the
     base is the default model's, or ENTRY_MODELS' (built, as `make run model=...` would)."""
     return {
-        "base_wer": ("The testbed: base model WER/CER on the clean held-out split", _evaluate("base_wer", "test")),
-        "base_wer_noisy": ("The testbed: base model WER/CER on the noisy held-out split (10 dB)",
+        "base_wer": ("docs/testbed.md: the base's WER/CER, clean held-out split", _evaluate("base_wer", "test")),
+        "base_wer_noisy": ("docs/testbed.md: the base's WER/CER, noisy held-out split (10 dB)",
                            _evaluate("base_wer_noisy", "test_noisy")),
-        "scratch_base_wer": ("The testbed: model=tiny-scratch's base WER/CER on the clean held-out split",
+        "scratch_base_wer": ("docs/testbed.md: model=tiny-scratch's WER/CER, clean held-out split",
                              _evaluate("scratch_base_wer", "test")),
-        "scratch_base_wer_noisy": ("The testbed: model=tiny-scratch's base WER/CER on the noisy held-out split (10 dB)",
+        "scratch_base_wer_noisy": ("docs/testbed.md: model=tiny-scratch's WER/CER, noisy held-out split (10 dB)",
                                    _evaluate("scratch_base_wer_noisy", "test_noisy")),
-        "small_base_wer": ("The testbed: model=small's base WER/CER on the clean held-out split",
+        "small_base_wer": ("docs/testbed.md: model=small's WER/CER, clean held-out split",
                            _evaluate("small_base_wer", "test")),
-        "small_base_wer_noisy": ("The testbed: model=small's base WER/CER on the noisy held-out split (10 dB)",
+        "small_base_wer_noisy": ("docs/testbed.md: model=small's WER/CER, noisy held-out split (10 dB)",
                                  _evaluate("small_base_wer_noisy", "test_noisy")),
-        "whisper_anchor": ("The testbed: Whisper tiny.en itself beside the base, paired", lambda out, base, m: [
+        "whisper_anchor": ("README / docs/testbed.md: Whisper tiny.en itself beside the base, paired", lambda out, base, m: [
             *PY, "experiments.benchmarks.whisper_anchor", f"checkpoint={base}", "splits=[test,test_noisy]",
             f"hydra.run.dir={out / 'whisper_anchor'}"]),
-        "timestamps": ("Word timestamps: boundary error against festival's word times, beside Whisper tiny.en",
+        "timestamps": ("README / docs/timestamps.md: boundary error against festival's word times, beside Whisper tiny.en",
                        lambda out, base, m: [*PY, "experiments.benchmarks.timestamps", f"checkpoint={base}",
                                              f"hydra.run.dir={out / 'timestamps'}"]),
-        "hotwords": ("Hotword biasing: B-WER / U-WER against list size, beside Whisper tiny.en's hotwords=",
+        "hotwords": ("docs/hotwords.md: B-WER / U-WER against list size, beside Whisper tiny.en's hotwords=",
                      lambda out, base, m: [*PY, "experiments.benchmarks.hotwords", f"hydra.run.dir={out / 'hotwords'}"]),
-        "tower_quant": ("A quantizable audio tower: int8 against full precision (paired WER, tower and req/s, memory)",
+        "tower_quant": ("README / docs/audio-tower.md: the int8 tower against full precision (paired WER, tower and req/s, memory)",
                         lambda out, base, m: [*PY, "experiments.benchmarks.tower_quant",
                                               f"hydra.run.dir={out / 'tower_quant'}"]),
-        "tower_window": ("The testbed: Whisper's tower over real frames vs its 30 s window (dev WER, CTC probe)",
+        "tower_window": ("docs/testbed.md: Whisper's tower over real frames vs its 30 s window (dev WER, CTC probe)",
                          lambda out, base, m: [*PY, "experiments.benchmarks.tower_window",
                                                f"hydra.run.dir={out / 'tower_window'}"]),
-        "cost_split": ("The testbed: a model with 7B's cost split", lambda out, base, m: [
+        "cost_split": ("docs/testbed.md: a model with 7B's cost split", lambda out, base, m: [
             *PY, "experiments.benchmarks.cost_split", f"hydra.run.dir={out / 'cost_split'}"]),
-        "sweep": ("Results: projector sweep", lambda out, base, m: [
-            *PY, "experiments.run", "-m", "projector=linear,mlp,attention", "projector.stack=1,4",
-            f"results_dir={out / 'sweep'}", f"hydra.sweep.dir={out / 'sweep' / 'runs'}"]),
-        "compression": ("Fewer audio tokens: the compression comparison (paired WER vs the baseline, Pareto plot)",
+        "compression": ("README / docs/compression.md: the compression comparison (paired WER vs the baseline, Pareto plot)",
                         lambda out, base, m: [*PY, "experiments.run", "-m", "experiment=compression",
                                               f"results_dir={out / 'compression'}",
                                               f"hydra.sweep.dir={out / 'compression' / 'runs'}"]),
-        "compression_speed": ("Fewer audio tokens: req/s and TTFT on a model with 7B's cost split, 7B prefill FLOPs",
+        "compression_speed": ("README / docs/compression.md: req/s and TTFT on a model with 7B's cost split, 7B prefill FLOPs",
                               lambda out, base, m: [*PY, "experiments.benchmarks.compression_speed",
                                                     f"hydra.run.dir={out / 'compression_speed'}"]),
-        "fork": ("Results: fork vs upstream", lambda out, base, m: [
+        "fork": ("README / docs/audio-tower.md: the fork vs upstream vLLM per clip length", lambda out, base, m: [
             *PY, "experiments.benchmarks.fork", f"hydra.run.dir={out / 'fork'}"]),
-        "cache": ("Results: encoder-output cache", lambda out, base, m: [
+        "cache": ("docs/design.md: align step time, encoder-output cache vs recomputing", lambda out, base, m: [
             *PY, "experiments.benchmarks.cache", "steps=20", f"hydra.run.dir={out / 'cache'}"]),
-        "features": ("Results: cached frames as requests", lambda out, base, m: [
+        "features": ("docs/serving.md: cached encoder frames as requests vs raw audio", lambda out, base, m: [
             *PY, "experiments.benchmarks.features", "requests=64", "rounds=5", f"hydra.run.dir={out / 'features'}"]),
-        "online": ("Results: online serving, baseline vs FP8 KV cache", lambda out, base, m: [
+        "online": ("docs/serving.md: online serving, baseline vs FP8 KV cache", lambda out, base, m: [
             *PY, "experiments.benchmarks.serving", f"checkpoint={base}", f"manifest={m['test']}", "requests=200",
             "concurrency=8", "compare=[fp8_kv]", f"hydra.run.dir={out / 'online'}"]),
-        "train_bench": ("Running the real 7B model: align step cost, tiny dims measured", lambda out, base, m: [
+        "train_bench": ("docs/gpu-7b.md: align step cost per projector, tiny dims measured", lambda out, base, m: [
             *PY, "experiments.run", "stages=[train_bench]", f"hydra.run.dir={out / 'train_bench'}"]),
-        "train_bench_7b": ("Running the real 7B model: the 7B estimate", lambda out, base, m: [
+        "train_bench_7b": ("docs/gpu-7b.md: the 7B align estimate", lambda out, base, m: [
             *PY, "experiments.run", "model=qwen2-audio-7b-random", "stages=[train_bench]",
             "train_bench.estimate_only=true", f"hydra.run.dir={out / 'train_bench_7b'}"]),
-        "long_form": ("Audio longer than the encoder window: the demo", lambda out, base, m: [
+        "long_form": ("docs/long-audio.md: the long-form demo", lambda out, base, m: [
             *PY, "experiments.serving.long_form", "demo=true", f"hydra.run.dir={out / 'long_form'}"]),
+        "streaming": ("docs/streaming.md: streamed vs whole-utterance WER, cost per update", lambda out, base, m: [
+            *PY, "experiments.serving.streaming", "demo=true", f"out_dir={out / 'streaming'}",
+            f"hydra.run.dir={out / 'streaming'}"]),
     }
 
 

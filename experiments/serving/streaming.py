@@ -112,7 +112,7 @@ class AudioStream:
         if len(self.pieces) + len(complete) + (len(complete) < len(pieces)) > self.settings.max_chunks:
             raise AudioError(
                 f"the stream would exceed {self.settings.max_chunks} chunks of {self.settings.chunk_s} s; "
-                "end it, or raise streaming.max_chunks (the engine's audio items per prompt)"
+                "end it, or raise stream.max_chunks (the engine's audio items per prompt)"
             )
         self.pieces += complete
         self._buffer = buffer[len(complete) * self.settings.chunk :]
