@@ -29,6 +29,12 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 # starts faster (no multi-GiB allocation, and vLLM skips the warm-up pass it runs only to size
 # the cache), and the few engines the suite shares stay up side by side.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Under xdist each worker's engines get their own core (worker i: core i mod the cores), so two
+# workers' engines never spin-wait against each other's OpenMP threads on the same cores.
+if "PYTEST_XDIST_WORKER" in os.environ and (os.cpu_count() or 1) > 1:
+    worker = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw"))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(worker % os.cpu_count()))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
 def speak(text: str, path: Path, voice: str = "en+m3") -> np.ndarray:

@@ -84,3 +84,20 @@ def test_simulation_50_requests_concurrency_8(server, speech_clips):
     assert s["ttft_p50_s"] <= s["ttft_p99_s"] and s["ttft_mean_s"] > 0
     assert s["avg_output_tokens_per_request"] == 16
     assert s["rtfx"] > 0
+
+
+def test_a_server_that_fails_to_start_names_the_workers_own_error():
+    """vLLM wraps a worker's exception in generic "initialization failed" errors; the root
+    cause is the first `...Error: message` line, and that is what a failed config reports."""
+    from experiments.serving.server import root_cause
+
+    log = "\n".join([
+        "(EngineCore pid=1) INFO 12-07 03:43:50 [core.py:100] starting",
+        "(Worker pid=2) ERROR 12-07 03:43:57 [multiproc_executor.py:1063]     raise NotImplementedError(",
+        "(Worker pid=2) ERROR 12-07 03:43:57 [multiproc_executor.py:1063] NotImplementedError: FP8 KV cache on CPU "
+        "requires x86 with AVX-512 or AMX.",
+        "(EngineCore pid=1) ERROR 12-07 03:43:57 [core.py:1510] RuntimeError: Worker failed with error 'FP8 KV ...'",
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
+    ])
+    assert root_cause(log) == "NotImplementedError: FP8 KV cache on CPU requires x86 with AVX-512 or AMX."
+    assert root_cause("INFO all good\n") is None

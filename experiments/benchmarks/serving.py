@@ -1,5 +1,5 @@
 """Online serving benchmark: `vllm serve` a checkpoint, run the load simulation, and
-compare engine settings side by side (seed 000's baseline vs FP8 KV cache table).
+compare engine settings side by side (the serving metrics table: baseline vs FP8 KV cache).
 
     python -m experiments.benchmarks.serving checkpoint=DIR [manifest=FILE] [requests=200] [concurrency=8] [compare=[fp8_kv]]
 
@@ -37,8 +37,7 @@ def run_config(model_dir: Path, engine: dict, sources: list[str], n: int, concur
 
             records, duration = asyncio.run(go())
     except ServerError as err:
-        reason = next((line for line in str(err).splitlines()[::-1] if "Error" in line), str(err).splitlines()[0])
-        return {"unavailable": reason.strip()}
+        return {"unavailable": err.cause}
     return online_summary(records, duration, concurrency)
 
 

@@ -11,6 +11,7 @@ if it exits or is not healthy in time, the error quotes the end of that log.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -43,7 +44,21 @@ def serve_args(model_dir: Path, port: int, engine: dict[str, Any]) -> list[str]:
 
 
 class ServerError(RuntimeError):
-    pass
+    """The server did not come up; `cause` is the root cause found in its log."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def root_cause(log: str) -> str | None:
+    """The first `SomeError: message` line of a vLLM log: the worker's own exception (e.g.
+    "NotImplementedError: FP8 KV cache on CPU requires x86 with AVX-512 or AMX."), which
+    the engine then wraps in generic "initialization failed" errors further down."""
+    for line in log.splitlines():
+        if m := re.search(r"\b(\w+(?:Error|Exception)): (.+)$", line):
+            return f"{m.group(1)}: {m.group(2).strip()}"
+    return None
 
 
 class Server:
@@ -66,6 +81,12 @@ class Server:
         except FileNotFoundError:
             return "(no log)"
 
+    def cause(self) -> str:
+        try:
+            return root_cause(self.log_path.read_text(errors="replace")) or "no error in the log"
+        except FileNotFoundError:
+            return "no log"
+
     def start(self) -> Server:
         from qwen2_audio_vllm.checkpoint import validate_checkpoint
 
@@ -77,7 +98,9 @@ class Server:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(f"vllm serve exited with code {self.proc.returncode}; log {self.log_path}:\n{self.log_tail()}")
+                cause = self.cause()
+                raise ServerError(f"vllm serve exited with code {self.proc.returncode}: {cause}; "
+                                  f"log {self.log_path}:\n{self.log_tail()}", cause)
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
                     if r.status == 200:
@@ -86,7 +109,9 @@ class Server:
                 pass
             time.sleep(1)
         self.stop()
-        raise ServerError(f"vllm serve not healthy after {self.startup_timeout_s} s; log {self.log_path}:\n{self.log_tail()}")
+        cause = self.cause()
+        raise ServerError(f"vllm serve not healthy after {self.startup_timeout_s} s: {cause}; "
+                          f"log {self.log_path}:\n{self.log_tail()}", cause)
 
     def stop(self) -> None:
         """SIGTERM the server's process group, SIGKILL after 30 s."""
