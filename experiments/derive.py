@@ -1,4 +1,4 @@
-"""A copy of a checkpoint with extra embedding modalities (seed 003): new placeholder tokens
+"""A copy of a checkpoint with extra embedding modalities: new placeholder tokens
 and freshly initialised (seeded) projectors, one per modality (qwen2_audio_vllm.derive).
 
     python -m experiments.derive src=DIR out=DIR \\

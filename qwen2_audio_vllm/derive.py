@@ -1,6 +1,6 @@
 """New checkpoints from existing ones: a fresh projector in place of the base's
 (`derive_checkpoint`), or extra embedding modalities with their placeholder tokens and
-projectors (`add_modalities`, seed 003; as a command: `python -m experiments.derive`)."""
+projectors (`add_modalities`; as a command: `python -m experiments.derive`)."""
 
 from __future__ import annotations
 

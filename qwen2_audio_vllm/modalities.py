@@ -1,4 +1,4 @@
-"""Extra input modalities (seed 003): embeddings from other encoders, each through its own
+"""Extra input modalities: embeddings from other encoders, each through its own
 projector, merged into the prompt at its own placeholder token.
 
 config.json declares them beside the audio "projector" block:

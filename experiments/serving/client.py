@@ -1,4 +1,4 @@
-"""Async OpenAI-compatible load client for `vllm serve` (seed 000's client, for any variant).
+"""Async OpenAI-compatible load client for `vllm serve`, for any variant.
 
     python -m experiments.serving.client base_url=http://127.0.0.1:8000/v1 audio=asset:open_the_red_door
     python -m experiments.serving.client audio=path/to/clip.wav 'prompt="Transcribe the audio."'

@@ -1,4 +1,4 @@
-"""Extra embedding modalities in vLLM (seed 003, qwen2_audio_vllm/modalities.py): config.json
+"""Extra embedding modalities in vLLM (qwen2_audio_vllm/modalities.py): config.json
 "modalities" declares inputs from other encoders, each with its own projector and
 placeholder token. A request carries `multi_modal_data={"m1": tensor (n, in_dim)}`; the
 model runs m1's projector and its `output_lengths(n)` rows replace the placeholder. Not
