@@ -81,11 +81,13 @@ class Server:
         except FileNotFoundError:
             return "(no log)"
 
-    def cause(self) -> str:
+    def failed(self, what: str) -> ServerError:
+        """The error for a server that did not come up: `what` happened, the log's root cause."""
         try:
-            return root_cause(self.log_path.read_text(errors="replace")) or "no error in the log"
+            cause = root_cause(self.log_path.read_text(errors="replace")) or "no error in the log"
         except FileNotFoundError:
-            return "no log"
+            cause = "no log"
+        return ServerError(f"vllm serve {what}: {cause}; log {self.log_path}:\n{self.log_tail()}", cause)
 
     def start(self) -> Server:
         from qwen2_audio_vllm.checkpoint import validate_checkpoint
@@ -98,9 +100,7 @@ class Server:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                cause = self.cause()
-                raise ServerError(f"vllm serve exited with code {self.proc.returncode}: {cause}; "
-                                  f"log {self.log_path}:\n{self.log_tail()}", cause)
+                raise self.failed(f"exited with code {self.proc.returncode}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
                     if r.status == 200:
@@ -109,9 +109,7 @@ class Server:
                 pass
             time.sleep(1)
         self.stop()
-        cause = self.cause()
-        raise ServerError(f"vllm serve not healthy after {self.startup_timeout_s} s: {cause}; "
-                          f"log {self.log_path}:\n{self.log_tail()}", cause)
+        raise self.failed(f"not healthy after {self.startup_timeout_s} s")
 
     def stop(self) -> None:
         """SIGTERM the server's process group, SIGKILL after 30 s."""
