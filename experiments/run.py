@@ -187,8 +187,10 @@ def evaluate(cfg: DictConfig, state: dict) -> dict:
     manifests = state["manifests"]
     limit = cfg.data.eval_limit or None
     rows = read_manifest(manifests["test"])[:limit]
-    # the noisy held-out split where the data has one (synthetic): scored on the same engine
-    more = {"test_noisy": read_manifest(manifests["test_noisy"])[:limit]} if "test_noisy" in manifests else {}
+    # the noisy and real-English held-out splits where the data has them (synthetic): scored
+    # on the same engine
+    more = {split: read_manifest(manifests[split])[:limit]
+            for split in ("test_noisy", "test_prose", "test_prose_noisy") if split in manifests}
     key = key_of(str(ckpt), weights_stamp(ckpt), manifests["test"], len(rows), sorted(more))
     out = Path(cfg.artifacts_dir) / "evaluate" / key
     done = out / "metrics.json"
@@ -337,7 +339,9 @@ def results_row(cfg: DictConfig, state: dict) -> dict:
         "data": cfg.data.name,
         "wer": ev.get("wer"), "wer_ci_low": ev.get("wer_ci_low"), "wer_ci_high": ev.get("wer_ci_high"),
         "cer": ev.get("cer"), "n_utts": ev.get("n_utts"), "n_failed": ev.get("n_failed"),
-        **_noisy_columns(ev.get("test_noisy", {})),
+        **_split_columns(ev.get("test_noisy", {}), "noisy"),
+        **_split_columns(ev.get("test_prose", {}), "prose"),
+        **_split_columns(ev.get("test_prose_noisy", {}), "prose_noisy"),
         **{f"wer_{engine}": m["wer"] for engine, m in ev.get("by_engine", {}).items()},
         "request_throughput": variant.get("request_throughput"),
         "output_token_throughput": variant.get("output_token_throughput"),
@@ -376,9 +380,9 @@ def recipe_label(recipe: dict, cfg: DictConfig) -> str | None:
     return " ".join([*parts, f"lr={cfg.train.lr:g}", f"steps={cfg.train.steps}"])
 
 
-def _noisy_columns(noisy: dict) -> dict:
-    """The noisy held-out split's WER and CI as results columns (empty when it was not run)."""
-    return {f"{k}_noisy": noisy[k] for k in ("wer", "wer_ci_low", "wer_ci_high") if k in noisy}
+def _split_columns(metrics: dict, suffix: str) -> dict:
+    """A further held-out split's WER and CI as results columns (empty when it was not run)."""
+    return {f"{k}_{suffix}": metrics[k] for k in ("wer", "wer_ci_low", "wer_ci_high") if k in metrics}
 
 
 STAGE_FUNCS = {
@@ -440,8 +444,9 @@ def print_summary(state: dict) -> None:
     ev, be = r.get("evaluate", {}), r.get("bench", {})
     if ev:
         table.add_row("WER clean (95% CI)", f"{ev['wer']:.3f} [{ev['wer_ci_low']:.3f}, {ev['wer_ci_high']:.3f}]")
-        if noisy := ev.get("test_noisy"):
-            table.add_row("WER noisy (95% CI)", f"{noisy['wer']:.3f} [{noisy['wer_ci_low']:.3f}, {noisy['wer_ci_high']:.3f}]")
+        for split, label in (("test_noisy", "noisy"), ("test_prose", "real English"), ("test_prose_noisy", "real English, noisy")):
+            if m := ev.get(split):
+                table.add_row(f"WER {label} (95% CI)", f"{m['wer']:.3f} [{m['wer_ci_low']:.3f}, {m['wer_ci_high']:.3f}]")
         for engine, m in ev.get("by_engine", {}).items():
             table.add_row(f"WER clean, {engine}", f"{m['wer']:.3f} [{m['wer_ci_low']:.3f}, {m['wer_ci_high']:.3f}]")
         table.add_row("CER", f"{ev['cer']:.3f}")

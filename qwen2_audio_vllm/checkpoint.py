@@ -111,7 +111,8 @@ def save_checkpoint(
         pad_token_id=tok.pad_token_id,
         do_sample=False,
     ).save_pretrained(tmp)
-    state = {k: v.detach().contiguous().cpu() for k, v in (weights or model.state_dict()).items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (weights or model.state_dict()).items()
+             if k not in tied_keys(config)}
     if hub_layout:
         processor.feature_extractor.save_pretrained(tmp)  # preprocessor_config.json
         (tmp / "processor_config.json").unlink(missing_ok=True)  # the hub has none
@@ -124,6 +125,12 @@ def save_checkpoint(
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def tied_keys(config: Qwen2AudioConfig) -> set[str]:
+    """Weights a checkpoint does not store because they are another's (a tied LM head is the
+    token embedding), as the hub's and vLLM's loaders expect."""
+    return {"language_model.lm_head.weight"} if config.text_config.tie_word_embeddings else set()
 
 
 def fresh_tmp_dir(out_dir: Path) -> Path:
@@ -246,7 +253,7 @@ def load_model(
     config = load_config(ckpt_dir, projector)
     with torch.device(device), default_dtype(dtype):
         model = Qwen2AudioSwap(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: v.shape for k, v in model.state_dict().items() if k not in tied_keys(config)}
     found = stored_shapes(ckpt_dir)  # headers only: mismatches are named before any loading
     if load_projector:
         for block, prefix in projector_blocks(config):

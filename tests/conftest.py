@@ -76,7 +76,7 @@ def pytest_configure(config) -> None:
 
 # Fixtures that synthesise a corpus, train a model or build checkpoints from scratch: a test
 # using one is `slow` whatever its own marks say, so the fast loop never pays for them.
-SLOW_FIXTURES = {"small_synthetic", "rows", "data", "word_times", "head", "ckpt", "hub_tiny"}
+SLOW_FIXTURES = {"small_synthetic", "rows", "data", "word_times", "head", "ckpt", "hub_tiny", "smollm2_random", "gguf_llm"}
 
 
 def pytest_itemcollected(item) -> None:

@@ -95,7 +95,7 @@ def build_synthetic(out_dir: Path, spec: SyntheticSpec = SyntheticSpec(), worker
 
     A clip that comes out corrupt or silent is dropped here with a count in `report.json`
     and never reaches a manifest."""
-    from experiments.data.voices import Rendering, check_engines, render_batch
+    from experiments.data.voices import check_engines
 
     splits = ("train", "dev", *TEST_SPLITS)
     manifests = {s: out_dir / f"{s}.jsonl" for s in splits}
@@ -105,31 +105,7 @@ def build_synthetic(out_dir: Path, spec: SyntheticSpec = SyntheticSpec(), worker
     workers = workers or os.cpu_count() or 2
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("raw", "wav", "babble"):
-        (tmp / sub).mkdir(parents=True)
-    plan = plan_synthetic(spec)
-    jobs = [Rendering(r["text"], r["engine"], r["voice"], r["speed"], r["pitch"], tmp / "raw" / f"{r['name']}.wav") for r in plan]
-    per_engine = [[j for j in jobs if j.engine == e] for e in spec.engines]
-    batches = [js[i : i + 50] for js in per_engine for i in range(0, len(js), 50)]
-    from tqdm import tqdm
-
-    with ThreadPoolExecutor(workers) as pool:
-        list(tqdm(pool.map(render_batch, batches), total=len(batches), desc="synthesise", unit="batch"))
-    dropped: dict[str, int] = {}
-
-    def keep(row: dict, raw: Path) -> bool:
-        audio, problem = usable_clip(raw)
-        if problem:
-            dropped[problem] = dropped.get(problem, 0) + 1
-            return False
-        sf.write(tmp / "wav" / f"{row['name']}.wav", audio, SAMPLE_RATE, subtype="PCM_16")
-        row["duration"] = round(len(audio) / SAMPLE_RATE, 3)
-        return True
-
-    with ThreadPoolExecutor(workers) as pool:
-        kept = list(pool.map(lambda r: keep(r, tmp / "raw" / f"{r['name']}.wav"), plan))
-    rows = [r for r, ok in zip(plan, kept, strict=True) if ok]
-    shutil.rmtree(tmp / "raw")
+    rows, dropped = render_rows(tmp, plan_synthetic(spec), spec.engines, workers)
     by_split = {s: [r for r in rows if r["split"] == s] for s in ("train", "dev", "test")}
     by_split["train"] += _augmented(tmp, by_split["train"], "train", spec, workers)
     by_split["test_noisy"] = _augmented(tmp, by_split["test"], "test_noisy", spec, workers)
@@ -150,6 +126,37 @@ def build_synthetic(out_dir: Path, spec: SyntheticSpec = SyntheticSpec(), worker
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return manifests
+
+
+def render_rows(tmp: Path, plan: list[dict], engines: tuple[str, ...], workers: int) -> tuple[list[dict], dict[str, int]]:
+    """Synthesise every planned row into tmp/wav (16 kHz mono PCM) and return the rows that
+    came out usable, with their durations, and {problem: count} of those dropped."""
+    from experiments.data.voices import Rendering, render_batch
+
+    for sub in ("raw", "wav", "babble"):
+        (tmp / sub).mkdir(parents=True, exist_ok=True)
+    jobs = [Rendering(r["text"], r["engine"], r["voice"], r["speed"], r["pitch"], tmp / "raw" / f"{r['name']}.wav") for r in plan]
+    per_engine = [[j for j in jobs if j.engine == e] for e in engines]
+    batches = [js[i : i + 50] for js in per_engine for i in range(0, len(js), 50)]
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(tqdm(pool.map(render_batch, batches), total=len(batches), desc="synthesise", unit="batch"))
+    dropped: dict[str, int] = {}
+
+    def keep(row: dict, raw: Path) -> bool:
+        audio, problem = usable_clip(raw)
+        if problem:
+            dropped[problem] = dropped.get(problem, 0) + 1
+            return False
+        sf.write(tmp / "wav" / f"{row['name']}.wav", audio, SAMPLE_RATE, subtype="PCM_16")
+        row["duration"] = round(len(audio) / SAMPLE_RATE, 3)
+        return True
+
+    with ThreadPoolExecutor(workers) as pool:
+        kept = list(pool.map(lambda r: keep(r, tmp / "raw" / f"{r['name']}.wav"), plan))
+    shutil.rmtree(tmp / "raw")
+    return [r for r, ok in zip(plan, kept, strict=True) if ok], dropped
 
 
 def _augmented(tmp: Path, rows: list[dict], split: str, spec: SyntheticSpec, workers: int) -> list[dict]:

@@ -14,9 +14,16 @@ from qwen2_audio_vllm.checkpoint import cache_lock, cache_root
 
 
 def ensure_synthetic(spec: SyntheticSpec = SyntheticSpec()) -> dict[str, Path]:
+    """{split: manifest} of the corpus and of its real-English test splits (test_prose,
+    test_prose_noisy: experiments.data.prose), each built once."""
+    from experiments.data.prose import build_prose, prose_key
+
     out = cache_root() / "data" / f"synthetic-{spec.key()}"
     with cache_lock(out):
-        return build_synthetic(out, spec)
+        manifests = build_synthetic(out, spec)
+    prose = cache_root() / "data" / f"prose-{prose_key(spec.seed, spec.engines, spec.noisy_snr_db)}"
+    with cache_lock(prose):
+        return manifests | build_prose(prose, spec, [manifests["train"], manifests["dev"]])
 
 
 def ensure_data(data: dict, artifacts: Path) -> dict[str, Path]:

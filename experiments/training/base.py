@@ -87,6 +87,8 @@ def ensure_base(model: dict, manifests: dict[str, Path], artifacts: Path, traine
     spec = TinySpec(**model.get("dims", {}))
     p = model["pretrain"]
     key = short_hash(json.dumps([spec.key(), p, str(manifests["train"]), str(manifests["dev"])], sort_keys=True))
+    if spec.llm_weights is not None:
+        return ensure_llm_base(spec, p, manifests, cache_root() / "models" / f"{model['name']}-base-{key}", trainer)
     out = cache_root() / "models" / f"tiny-base-{key}"
     with cache_lock(out):
         if (out / "pretrain.json").exists():
@@ -100,4 +102,39 @@ def ensure_base(model: dict, manifests: dict[str, Path], artifacts: Path, traine
                           settings, trainer or TrainerSettings(), ctc_weight=p.get("ctc_weight", 0.0),
                           ctc_units=p.get("ctc_units", "tokens"), freeze_encoder=p.get("freeze_encoder", False))
         write_json_atomic(out / "pretrain.json", result)
+    return out
+
+
+def ensure_llm_base(spec: TinySpec, p: dict, manifests: dict[str, Path], out: Path, trainer=None) -> Path:
+    """A base whose LLM is pretrained (`spec.llm_weights`): the tower and the LLM stay
+    frozen and only `p["projector"]` is aligned on the train split's cached encoder frames,
+    as every align run is (experiments.training.train.align); built once and cached."""
+    with cache_lock(out):
+        if (out / "pretrain.json").exists():
+            return out
+        import torch
+
+        from experiments.data import read_manifest
+        from experiments.report import write_json_atomic
+        from experiments.training.cache import cache_dir_for, load_or_build
+        from experiments.training.train import AlignRecipe, TrainerSettings, TrainSettings, align
+        from qwen2_audio_vllm.checkpoint import load_model, load_processor
+
+        trainer = trainer or TrainerSettings()
+        start = ensure_random_tiny(spec)
+        tower = load_model(start)
+        processor = load_processor(start)
+        splits = {}
+        for split in ("train", "dev"):
+            rows = read_manifest(manifests[split])
+            frames, _ = load_or_build(tower, processor, rows, cache_dir_for(tower, rows), trainer.encoder_batch_size,
+                                      trainer.cache_store_dtype)
+            splits[split] = (frames, [r["text"] for r in rows])
+        del tower
+        torch.manual_seed(spec.seed)
+        settings = TrainSettings(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], warmup=p["warmup"],
+                                 eval_every=p["eval_every"], seed=spec.seed)
+        result = align(start, dict(p["projector"]), splits["train"], splits["dev"], out, settings,
+                       AlignRecipe(init="random"), trainer)
+        write_json_atomic(out / "pretrain.json", result | {"llm_weights": spec.llm_weights, "frozen": ["audio_tower", "language_model"]})
     return out

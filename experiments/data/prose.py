@@ -1,0 +1,110 @@
+"""The real-English test splits: `test_prose` and `test_prose_noisy`.
+
+The corpus's own sentences come from a grammar of templates, so a base whose LLM learnt
+them can score well on `test` and still fail on English it never saw. These splits read
+real sentences instead: 100 sentences of Isaac Newton's *Opticks* (4th edition, 1730;
+public domain, the Project Gutenberg text), read by the test voices (never heard in
+training), clean and with noise at the corpus's `noisy_snr_db` (white and babble in turn).
+
+The sentences sit in `prose_opticks.txt`, made by `select_sentences` from the book's text:
+sentences of 8-18 words with no digits, symbols, figure letters or capitalised labels,
+normalised as the corpus is (lower case, no punctuation), the period's "-'d" endings
+spelled "-ed", and every word a common modern English one (wordfreq Zipf >= 2.5); then
+100 drawn with seed 0. No sentence of them occurs in the training or dev transcripts
+(checked when the splits are built). Built once per corpus into the cache, beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+PROSE_FILE = Path(__file__).with_name("prose_opticks.txt")
+PROSE_SPLITS = ("test_prose", "test_prose_noisy")
+VERSION = 1  # bump when the selection, voices or rendering change: new cache key
+SHORT_WORDS = set("a i an as at be by do go he if in is it me my no of on or so to up us we".split())
+ABBREVIATIONS = ("prop", "fig", "exper", "obs")
+
+
+def prose_sentences() -> list[str]:
+    """The split's sentences, one per line of PROSE_FILE (comment lines skipped)."""
+    lines = PROSE_FILE.read_text().splitlines()
+    return [x for x in lines if x.strip() and not x.startswith("#")]
+
+
+def select_sentences(book: str, n: int = 100, seed: int = 0) -> list[str]:
+    """The selection that made PROSE_FILE from the book's plain text (module docstring)."""
+    import wordfreq
+
+    body = book[book.find("Tracts publish"):]  # from the Advertisements on: the front matter is titles
+    body = re.sub(r"\s+", " ", re.sub(r"\[[^\]]*\]", " ", body).replace("_", ""))  # footnotes, italics
+    picked: list[str] = []
+    for sentence in re.split(r"(?<=[.?!])\s+", body):
+        if re.search(r"[0-9&*|/\\()\[\]{}=+<>@#$%^~\"]", sentence):
+            continue
+        if not re.fullmatch(r"[A-Za-z\s]+", re.sub(r"[,;:.?!'-]", " ", sentence)):
+            continue
+        words = re.findall(r"[A-Za-z']+", sentence)
+        if not 8 <= len(words) <= 18:
+            continue
+        if any(len(w) == 1 and w.lower() not in ("a", "i") for w in words) or any(w.isupper() and len(w) > 1 for w in words):
+            continue  # figure letters ("the Line AB") and labels
+        text = re.sub(r"(\w)'d\b", r"\1ed", " ".join(w.lower() for w in re.findall(r"[A-Za-z]+(?:'[a-z]+)?", sentence)))
+        tokens = text.split()
+        if any(len(w) <= 2 and w not in SHORT_WORDS for w in tokens) or tokens[-1] in ABBREVIATIONS:
+            continue
+        if "'" in text or any(wordfreq.zipf_frequency(w, "en") < 2.5 for w in tokens):
+            continue
+        if text not in picked:
+            picked.append(text)
+    return random.Random(seed).sample(picked, n)
+
+
+def prose_key(seed: int, engines: tuple[str, ...], noisy_snr_db: float) -> str:
+    parts = [VERSION, prose_sentences(), seed, list(engines), noisy_snr_db]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
+
+
+def plan_prose(seed: int, engines: tuple[str, ...]) -> list[dict]:
+    """One clean row per sentence: engines in turn, a test voice, a speed and a pitch drawn."""
+    from experiments.data.voices import TEST_VOICES
+
+    rng = random.Random(f"prose-{seed}")
+    return [{"split": "test_prose", "name": f"test_prose_{i:05d}", "text": text, "engine": engines[i % len(engines)],
+             "voice": rng.choice(TEST_VOICES[engines[i % len(engines)]]), "speed": round(rng.random(), 3),
+             "pitch": round(rng.random(), 3)} for i, text in enumerate(prose_sentences())]
+
+
+def build_prose(out_dir: Path, spec, train_manifests: list[Path], workers: int | None = None) -> dict[str, Path]:
+    """Render the prose splits into `out_dir` (once) with the corpus `spec`'s seed, engines
+    and noise; {split: manifest}. A sentence found in `train_manifests` is refused."""
+    from experiments.data import _augmented, read_manifest, render_rows, write_manifest
+    from experiments.data.voices import check_engines
+
+    manifests = {s: out_dir / f"{s}.jsonl" for s in PROSE_SPLITS}
+    if (out_dir / ".complete").exists():
+        return manifests
+    seen = {r["text"] for m in train_manifests for r in read_manifest(m)}
+    if overlap := sorted(set(prose_sentences()) & seen):
+        raise ValueError(f"{len(overlap)} prose sentences occur in training, e.g. {overlap[0]!r}; the prose split "
+                         "must be unseen: drop them from experiments/data/prose_opticks.txt")
+    check_engines(spec.engines)
+    workers = workers or os.cpu_count() or 2
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rows, dropped = render_rows(tmp, plan_prose(spec.seed, spec.engines), spec.engines, workers)
+    by_split = {"test_prose": rows, "test_prose_noisy": _augmented(tmp, rows, "test_prose_noisy", spec, workers)}
+    for split, split_rows in by_split.items():
+        for r in split_rows:
+            r["audio_filepath"] = str(out_dir / "wav" / f"{r['name']}.wav")
+        write_manifest(tmp / f"{split}.jsonl", split_rows)
+    (tmp / "report.json").write_text(json.dumps({"clips": {s: len(v) for s, v in by_split.items()}, "dropped": dropped}))
+    (tmp / ".complete").touch()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return manifests
