@@ -146,7 +146,13 @@ def test_vllm_fork_and_upstream_class_decode_as_the_twin(smollm2_random, speech_
     vLLM's own class emit the twin's tokens."""
     from vllm import LLM, SamplingParams
 
-    from experiments.serving.engine import audio_request, chat_prompt, close_llm, engine_kwargs, make_llm
+    from experiments.serving.engine import (
+        audio_request,
+        chat_prompt,
+        close_llm,
+        engine_kwargs,
+        make_llm,
+    )
     from qwen2_audio_vllm.checkpoint import UPSTREAM_ARCHITECTURE, load_model, load_processor
     from qwen2_audio_vllm.hf import greedy_transcribe
 
