@@ -83,9 +83,10 @@ def align_output(cfg: DictConfig, state: dict) -> tuple[dict, Any, Any, Path]:
     train = OmegaConf.to_container(cfg.train, resolve=True)
     init, kd, lora = train.pop("init", "auto"), train.pop("kd", None), train.pop("lora", None)
     chunk_s, hotwords = train.pop("chunk_s", None), train.pop("hotwords", None)
+    prealign_steps = train.pop("prealign_steps", 0)
     if init == "auto":
         init = "base" if block == load_config(state["base_dir"]).projector else "random"
-    recipe = AlignRecipe.from_config(init, kd, lora, chunk_s, hotwords)
+    recipe = AlignRecipe.from_config(init, kd, lora, chunk_s, hotwords, prealign_steps)
     settings = TrainSettings(**train, seed=cfg.seed)
     m = state["manifests"]
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)

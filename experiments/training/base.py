@@ -135,6 +135,6 @@ def ensure_llm_base(spec: TinySpec, p: dict, manifests: dict[str, Path], out: Pa
         settings = TrainSettings(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], warmup=p["warmup"],
                                  eval_every=p["eval_every"], seed=spec.seed)
         result = align(start, dict(p["projector"]), splits["train"], splits["dev"], out, settings,
-                       AlignRecipe(init="random"), trainer)
+                       AlignRecipe(init="random", prealign_steps=p.get("prealign_steps", 0)), trainer)
         write_json_atomic(out / "pretrain.json", result | {"llm_weights": spec.llm_weights, "frozen": ["audio_tower", "language_model"]})
     return out

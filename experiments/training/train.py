@@ -20,6 +20,7 @@ data-parallel processes under torchrun (each takes its share of every global bat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -318,7 +319,10 @@ class AlignRecipe:
       train with the projector and are merged into the exported LLM weights.
     chunk_s: align for streaming (experiments/serving/streaming.py): every clip is cut into
       chunks of chunk_s seconds, each encoded on its own and placed at its own <|AUDIO|> of
-      a multi-audio prompt, the layout a stream's prompt has. None: one item per clip."""
+      a multi-audio prompt, the layout a stream's prompt has. None: one item per clip.
+    prealign_steps > 0: before the LM loss, that many steps of CTC pre-alignment
+      (EmbeddingCtc): the projector's outputs learn to land near the frozen LLM's embeddings
+      of the transcript's tokens, with no LLM pass (a fraction of an LM step's cost)."""
 
     init: str = "random"
     kd_teacher: str = "none"
@@ -331,6 +335,7 @@ class AlignRecipe:
     chunk_s: float | None = None
     hotwords_p: float = 0.0
     hotwords_max_distractors: int = 100
+    prealign_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.init not in ALIGN_INITS:
@@ -342,18 +347,21 @@ class AlignRecipe:
         if self.kd_checkpoint is not None and self.kd_teacher not in ("base", "whole"):
             raise ValueError(f"train.kd.checkpoint={self.kd_checkpoint!r} names an audio teacher; it needs "
                              f"train.kd.teacher=base or whole, got {self.kd_teacher!r}")
+        if self.prealign_steps < 0:
+            raise ValueError(f"train.prealign_steps={self.prealign_steps}; expected 0 (off) or more")
         if self.chunk_s is not None and self.chunk_s < 0.1:
             raise ValueError(f"train.chunk_s={self.chunk_s}: chunks must be at least 0.1 s (or null: whole clips)")
 
     @classmethod
     def from_config(cls, init: str, kd: dict | None = None, lora: dict | None = None,
-                    chunk_s: float | None = None, hotwords: dict | None = None) -> AlignRecipe:
+                    chunk_s: float | None = None, hotwords: dict | None = None, prealign_steps: int = 0) -> AlignRecipe:
         kd, lora, hotwords = kd or {}, lora or {}, hotwords or {}
         return cls(
             init=init, kd_teacher=kd.get("teacher", "none"), kd_weight=kd.get("weight", 1.0),
             kd_temperature=kd.get("temperature", 1.0), kd_checkpoint=kd.get("checkpoint"), lora_rank=lora.get("rank", 0),
             lora_alpha=lora.get("alpha", 16.0), lora_targets=tuple(lora.get("targets", cls.lora_targets)),
             chunk_s=chunk_s, hotwords_p=hotwords.get("p", 0.0), hotwords_max_distractors=hotwords.get("max_distractors", 100),
+            prealign_steps=prealign_steps,
         )
 
     def beyond_init(self) -> dict:
@@ -370,6 +378,8 @@ class AlignRecipe:
             out["chunk_s"] = self.chunk_s
         if self.hotwords_p:
             out["hotwords"] = [self.hotwords_p, self.hotwords_max_distractors]
+        if self.prealign_steps:
+            out["prealign_steps"] = self.prealign_steps
         return out
 
 
@@ -472,6 +482,65 @@ class CtcHead(torch.nn.Module):
             log_probs, flat, lengths.to(frames.device), torch.tensor([len(t) for t in targets], device=frames.device),
             blank=self.blank, reduction="sum", zero_infinity=True,
         )
+
+
+class EmbeddingCtc(torch.nn.Module):
+    """CTC pre-alignment of a projector into a frozen LLM's embedding space: each projected
+    audio token is scored by its dot product with the LLM's (frozen) input embeddings of
+    the tokens the transcripts use, plus a trained blank vector, and CTC aligns the scores
+    to the transcript's tokens. No LLM pass: a step costs the projector alone. Not exported."""
+
+    def __init__(self, embeddings: torch.Tensor, used: list[int]) -> None:
+        super().__init__()
+        self.register_buffer("table", embeddings[used].detach().float().clone())
+        self.blank_vector = torch.nn.Parameter(torch.zeros(embeddings.shape[1], device=embeddings.device))
+        self.index = {t: i for i, t in enumerate(used)}
+
+    def loss(self, audio: list[torch.Tensor], targets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed CTC loss, target tokens) of one batch: `audio` one (n_i, d_text) tensor per
+        clip. zero_infinity: a clip with fewer tokens than its transcript needs adds 0."""
+        from torch.nn.utils.rnn import pad_sequence
+
+        x = pad_sequence(audio, batch_first=True).float()
+        logits = torch.cat([x @ self.table.T, (x @ self.blank_vector)[..., None]], -1)
+        ids = [[self.index[t] for t in ts] for ts in targets]
+        loss = torch.nn.functional.ctc_loss(
+            logits.log_softmax(-1).transpose(0, 1), torch.tensor([i for row in ids for i in row], device=x.device),
+            torch.tensor([a.shape[0] for a in audio], device=x.device), torch.tensor([len(r) for r in ids], device=x.device),
+            blank=len(self.index), reduction="sum", zero_infinity=True,
+        )
+        return loss, torch.tensor(sum(map(len, ids)), device=x.device)
+
+
+def prealign(
+    model: Qwen2AudioSwap, run: torch.nn.Module, train: tuple[list, list[str]], dev: tuple[list, list[str]],
+    tokenizer, s: TrainSettings, place: Placement,
+) -> dict:
+    """`s.steps` steps of EmbeddingCtc on the projector (recipe.prealign_steps); the projector
+    keeps the weights of the best dev CTC loss. Returns the loop's metrics."""
+    from experiments.training.cache import pad_frames
+
+    targets = {name: tokenizer(texts, add_special_tokens=False)["input_ids"] for name, (_, texts) in
+               (("train", train), ("dev", dev))}
+    used = sorted({t for rows in targets.values() for row in rows for t in row})
+    ctc = EmbeddingCtc(model.language_model.get_input_embeddings().weight, used)
+    trained = torch.nn.ModuleDict({"projector": model.multi_modal_projector, "ctc": ctc})
+
+    def loss_for(name: str, frames: list, train_mode: bool) -> LossFn:
+        def loss_on(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            x, lengths = pad_frames([frames[i] for i in idx])
+            audio = model.project(x.to(place.device, torch.float32), lengths, run=run if train_mode else None)
+            return ctc.loss(audio, [targets[name][i] for i in idx])
+
+        return loss_on
+
+    lengths = [f.shape[0] for f in train[0]]
+    result, best = fit(model, trained, loss_for("train", train[0], True),
+                       lambda: mean_loss(loss_for("dev", dev[0], False), len(dev[1]), s.batch_size),
+                       batches(lengths, s.batch_size, None, s.seed), s, place, "prealign ctc")
+    if best is not None:
+        trained.load_state_dict(best)
+    return result | {"tokens": len(used)}
 
 
 def pretrain(
@@ -648,6 +717,13 @@ def align(
 
         return loss_on
 
+    prealigned = None
+    if recipe.prealign_steps:
+        if recipe.chunk_s is not None:
+            raise ValueError("train.prealign_steps aligns whole clips; set it to 0 with train.chunk_s")
+        prealigned = prealign(model, run, train, dev, processor.tokenizer,
+                              dataclasses.replace(s, steps=recipe.prealign_steps, warmup=min(s.warmup, recipe.prealign_steps)),
+                              place)
     train_lists = hotword_lists(train[1], recipe, s.seed) if recipe.hotwords_p else None
     n_tokens = [proj.output_lengths(torch.tensor([f.shape[0] for f in _items(r)])).tolist() for r in train[0]]
     lengths = batcher.lengths(train[1], n_tokens, train_lists)
@@ -658,6 +734,8 @@ def align(
     )
     export_best(model, trained, best, processor, out_dir, frozen_from=base_dir, lora=adapters is not None)
     result["trainable_params"] = sum(p.numel() for p in trained.parameters())
+    if prealigned is not None:
+        result["prealign"] = prealigned
     result["recipe"] = recipe.__dict__ | {"lora_targets": list(recipe.lora_targets)}
     return result
 
