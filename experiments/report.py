@@ -263,6 +263,31 @@ ANCHOR_RATES = {
 }
 
 
+def plot_alignment(result: dict[str, Any], path: Path) -> Path:
+    """Dev loss against steps of an align result (align.json / pretrain.json): the CTC
+    pre-alignment's (`prealign`, when the recipe had one) and the LM loss's, side by side,
+    with the wall time of each phase in its title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    phases = [("CTC pre-alignment (dev CTC loss / token)", result.get("prealign")),
+              ("LM loss (dev cross-entropy / token)", result)]
+    phases = [(title, r) for title, r in phases if r and r.get("history")]
+    fig = Figure(figsize=(5.5 * len(phases), 4), dpi=120)
+    FigureCanvasAgg(fig)
+    for ax, (title, r) in zip(fig.subplots(1, len(phases), squeeze=False)[0], phases, strict=True):
+        steps = [h["step"] for h in r["history"]]
+        ax.plot(steps, [h["dev_loss"] for h in r["history"]], marker="o", label="dev")
+        ax.plot(steps, [h["train_loss"] for h in r["history"]], alpha=0.5, label="train (last batch)")
+        ax.set_title(f"{title}\n{r['train_seconds'] / 60:.1f} min, {r['seconds_per_step']:.2f} s/step", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
 def utterance_hyps(run_dir: str | Path, split: str = "test") -> dict[str, tuple[str, str]] | None:
     """{audio file: (reference, hypothesis)} of a run's evaluate stage on `split` (test or
     test_noisy), from its results.json; a failed request counts as an empty hypothesis.

@@ -37,7 +37,9 @@ def _evaluate(name: str, split: str) -> Command:
 
 # entries run on another model's base than the default (tiny): name -> model config
 ENTRY_MODELS = {"small_base_wer": "small", "small_base_wer_noisy": "small",
-                "scratch_base_wer": "tiny-scratch", "scratch_base_wer_noisy": "tiny-scratch"}
+                "scratch_base_wer": "tiny-scratch", "scratch_base_wer_noisy": "tiny-scratch",
+                "smollm2_anchor": "smollm2"}
+ALL_SPLITS = "splits=[test,test_noisy,test_prose,test_prose_noisy]"
 
 
 def entries() -> dict[str, tuple[str, Command]]:
@@ -56,8 +58,11 @@ def entries() -> dict[str, tuple[str, Command]]:
         "small_base_wer_noisy": ("docs/testbed.md: model=small's WER/CER, noisy held-out split (10 dB)",
                                  _evaluate("small_base_wer_noisy", "test_noisy")),
         "whisper_anchor": ("README / docs/testbed.md: Whisper tiny.en itself beside the base, paired", lambda out, base, m: [
-            *PY, "experiments.benchmarks.whisper_anchor", f"checkpoint={base}", "splits=[test,test_noisy]",
+            *PY, "experiments.benchmarks.whisper_anchor", f"checkpoint={base}", ALL_SPLITS,
             f"hydra.run.dir={out / 'whisper_anchor'}"]),
+        "smollm2_anchor": ("README / docs/smollm2.md: the smollm2 base (built if missing) beside Whisper tiny.en, paired",
+                           lambda out, base, m: [*PY, "experiments.benchmarks.whisper_anchor", f"checkpoint={base}",
+                                                 ALL_SPLITS, f"hydra.run.dir={out / 'smollm2_anchor'}"]),
         "timestamps": ("README / docs/timestamps.md: boundary error against festival's word times, beside Whisper tiny.en",
                        lambda out, base, m: [*PY, "experiments.benchmarks.timestamps", f"checkpoint={base}",
                                              f"hydra.run.dir={out / 'timestamps'}"]),

@@ -202,3 +202,15 @@ def test_parallel_jobs_never_lose_a_row(tmp_path):
     with open(tmp_path / "results.csv", newline="") as f:
         names = [r["name"] for r in csv.DictReader(f)]
     assert sorted(names) == sorted(f"job{w}-{i}" for w in range(3) for i in range(15))
+
+
+def test_plot_alignment_draws_a_panel_per_phase(tmp_path):
+    from PIL import Image
+
+    from experiments.report import plot_alignment
+
+    lm = {"history": [{"step": 100, "train_loss": 3.2, "dev_loss": 3.4}, {"step": 200, "train_loss": 2.8, "dev_loss": 2.4}],
+          "train_seconds": 600.0, "seconds_per_step": 2.3}
+    one = Image.open(plot_alignment(lm, tmp_path / "lm.png"))
+    two = Image.open(plot_alignment(lm | {"prealign": dict(lm)}, tmp_path / "both.png"))
+    assert two.size[0] == 2 * one.size[0] and two.size[1] == one.size[1]

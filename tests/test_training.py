@@ -173,3 +173,27 @@ def test_align_window_mean_qformer_and_a_checkpoint_teacher(tiny_base, rows, tmp
     saved = json.loads((out / "config.json").read_text())["projector"]
     assert saved["mean_shortcut"] is True and saved["window"] == 8
     assert "multi_modal_projector.mean_projection.weight" in load_file(out / "model.safetensors")
+
+
+def test_ctc_prealignment_runs_before_the_lm_loss_and_lowers_its_dev_loss(tiny_base, rows, tmp_path):
+    """train.prealign_steps: the projector's outputs are first trained by CTC against the
+    frozen LLM's embeddings (its dev CTC loss falls), then the LM loss trains as usual, and
+    only the projector changes."""
+    from experiments.training.train import AlignRecipe
+
+    model, processor = load_model(tiny_base), load_processor(tiny_base)
+    train, dev = rows
+    tf, _ = load_or_build(model, processor, train, tmp_path / "c_train")
+    df, _ = load_or_build(model, processor, dev, tmp_path / "c_dev")
+    s = TrainSettings(steps=4, batch_size=8, lr=3e-3, warmup=2, eval_every=4)
+    out = tmp_path / "aligned"
+    result = align(tiny_base, {"name": "linear", "stack": 2}, (tf, [r["text"] for r in train]),
+                   (df, [r["text"] for r in dev]), out, s, AlignRecipe(init="random", prealign_steps=40))
+    ctc = [h["dev_loss"] for h in result["prealign"]["history"]]
+    assert len(ctc) == 10 and ctc[-1] < ctc[0]
+    assert 0 < result["prealign"]["tokens"] < len(processor.tokenizer)
+    assert len(result["history"]) == 1 and result["recipe"]["prealign_steps"] == 40
+    base, aligned = load_file(tiny_base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(base[k], aligned[k]) for k in base if not k.startswith("multi_modal_projector."))
+    with pytest.raises(ValueError, match="prealign_steps=-1"):
+        AlignRecipe(prealign_steps=-1)

@@ -115,7 +115,7 @@ def ensure_llm_base(spec: TinySpec, p: dict, manifests: dict[str, Path], out: Pa
         import torch
 
         from experiments.data import read_manifest
-        from experiments.report import write_json_atomic
+        from experiments.report import plot_alignment, write_json_atomic
         from experiments.training.cache import cache_dir_for, load_or_build
         from experiments.training.train import AlignRecipe, TrainerSettings, TrainSettings, align
         from qwen2_audio_vllm.checkpoint import load_model, load_processor
@@ -136,5 +136,7 @@ def ensure_llm_base(spec: TinySpec, p: dict, manifests: dict[str, Path], out: Pa
                                  eval_every=p["eval_every"], seed=spec.seed)
         result = align(start, dict(p["projector"]), splits["train"], splits["dev"], out, settings,
                        AlignRecipe(init="random", prealign_steps=p.get("prealign_steps", 0)), trainer)
-        write_json_atomic(out / "pretrain.json", result | {"llm_weights": spec.llm_weights, "frozen": ["audio_tower", "language_model"]})
+        result |= {"llm_weights": spec.llm_weights, "frozen": ["audio_tower", "language_model"]}
+        plot_alignment(result, out / "alignment.png")
+        write_json_atomic(out / "pretrain.json", result)
     return out
