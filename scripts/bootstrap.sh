@@ -112,6 +112,7 @@ EOF
   fi
   "$venv/bin/python" -c "import vllm, transformers, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
   "$venv/bin/vllm" --version
+  "$venv/bin/python" -c "from qwen2_audio_vllm.llm_weights import check_gguf, gguf_file; print('smollm2-135m', check_gguf(gguf_file('smollm2-135m')))"
   touch "$venv/.q2ap-ready"
   trap - EXIT INT TERM
   say "venv ready: $(du -sh "$venv" | cut -f1) in $venv"

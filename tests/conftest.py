@@ -79,6 +79,15 @@ def pytest_configure(config) -> None:
 SLOW_FIXTURES = {"small_synthetic", "rows", "data", "word_times", "head", "ckpt", "hub_tiny", "smollm2_random", "gguf_llm"}
 
 
+def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
+    """Under `-m "not engine"` (make test-fast) a module marked engine as a whole is not even
+    imported: its top-level vLLM import alone costs 5-10 s of the fast loop."""
+    if collection_path.suffix == ".py" and "not engine" in (config.getoption("markexpr") or ""):
+        if "\npytestmark = pytest.mark.engine\n" in collection_path.read_text():
+            return True
+    return None
+
+
 def pytest_itemcollected(item) -> None:
     """Marks each test as it is collected, before -m reads the marks."""
     if SLOW_FIXTURES & set(item.fixturenames):

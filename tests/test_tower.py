@@ -18,6 +18,10 @@ from experiments.benchmarks.tower_quant import fp8_estimate, linear_weight_bytes
 from qwen2_audio_vllm import tower
 from qwen2_audio_vllm.checkpoint import load_config, weight_files
 
+# the tower is built from vLLM's layers: importing it imports vLLM (5-10 s), which the fast
+# loop leaves to `make test` with the engine tests
+pytestmark = pytest.mark.engine
+
 
 def test_precision_switch_values():
     assert tower.precision(SimpleNamespace()) == "inherit"
@@ -104,7 +108,6 @@ def _served(ckpt, speech_clips, capfd, **overrides) -> dict:
             "log": captured.out + captured.err}
 
 
-@pytest.mark.engine
 def test_full_int8_and_two_ranks_serve_the_tower(tiny_base, speech_clips, capfd, monkeypatch):
     """Three engines on the tiny base. Full precision in one worker process and int8 each log
     the tower's precision, and int8's embeddings are close to full precision's. Two CPU
@@ -130,7 +133,6 @@ def test_full_int8_and_two_ranks_serve_the_tower(tiny_base, speech_clips, capfd,
     assert two["tokens"] == full["tokens"]
 
 
-@pytest.mark.engine
 def test_quantization_the_tower_cannot_take_is_refused_at_start(tiny_base, capfd):
     from vllm import LLM
 
@@ -144,7 +146,6 @@ def test_quantization_the_tower_cannot_take_is_refused_at_start(tiny_base, capfd
     assert '"audio_tower_quantization": "none"' in err
 
 
-@pytest.mark.engine
 def test_checkpoint_with_a_quantized_tower_is_refused(tiny_base, tmp_path, capfd):
     from safetensors.torch import load_file, save_file
     from vllm import LLM
