@@ -86,13 +86,13 @@ def build_prose(out_dir: Path, spec, train_manifests: list[Path], workers: int |
     from experiments.data import _augmented, read_manifest, render_rows, write_manifest
     from experiments.data.voices import check_engines
 
-    manifests = {s: out_dir / f"{s}.jsonl" for s in PROSE_SPLITS}
-    if (out_dir / ".complete").exists():
-        return manifests
-    seen = {r["text"] for m in train_manifests for r in read_manifest(m)}
+    seen = {r["text"] for m in train_manifests for r in read_manifest(m)}  # every corpus that uses the split
     if overlap := sorted(set(prose_sentences()) & seen):
         raise ValueError(f"{len(overlap)} prose sentences occur in training, e.g. {overlap[0]!r}; the prose split "
                          "must be unseen: drop them from experiments/data/prose_opticks.txt")
+    manifests = {s: out_dir / f"{s}.jsonl" for s in PROSE_SPLITS}
+    if (out_dir / ".complete").exists():
+        return manifests
     check_engines(spec.engines)
     workers = workers or os.cpu_count() or 2
     tmp = out_dir.with_name(out_dir.name + ".tmp")
