@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from experiments.serving.engine import cli_flags, engine_kwargs
 from experiments.serving.server import serve_args
 
@@ -21,6 +23,7 @@ def parsed(args: list[str]):
     return make_arg_parser(FlexibleArgumentParser()).parse_args(args)
 
 
+@pytest.mark.engine  # vLLM's own CLI parser: imports vLLM (5-10 s)
 def test_serve_flags_parse_to_the_offline_engine_kwargs():
     args = serve_args(Path("/ckpt"), 8123, SERVE_CONFIG)
     assert args[1] == "serve"

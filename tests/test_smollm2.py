@@ -86,6 +86,7 @@ def test_a_tensor_type_the_reader_cannot_dequantize_is_refused(tmp_path):
         check_gguf(_write_gguf(tmp_path / "ints.gguf", "llama", np.int32))
 
 
+@pytest.mark.slow  # parses the 93 MB file's 272 tensor headers: 7 s
 def test_the_wheels_file_is_a_llama_of_the_expected_types():
     assert check_gguf(gguf_file("smollm2-135m")) == {"architecture": "llama", "tensor_types": ["F32", "Q4_1", "Q8_0"]}
 
