@@ -141,4 +141,13 @@ if [ -n "$missing" ]; then
   $sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq $missing >/dev/null
 fi
 
-"$venv/bin/python" -m experiments.prepare data=false
+# The tiny random checkpoint, built once per spec. Finding it again costs 10 s of imports on
+# every `make test-fast`, so a stamp in the venv records where it is and the code that
+# defines it (tiny.py holds the spec); either changing, or the directory going, re-runs it.
+tiny_code=$(cat qwen2_audio_vllm/tiny.py qwen2_audio_vllm/checkpoint.py | sha256sum | cut -c1-12)
+stamp="$venv/.tiny-random"
+if ! { [ -f "$stamp" ] && [ "$(sed -n 1p "$stamp")" = "$tiny_code" ] && [ -f "$(sed -n 2p "$stamp")/config.json" ]; }; then
+  line=$("$venv/bin/python" -m experiments.prepare data=false | tail -1)
+  echo "$line"
+  printf '%s\n%s\n' "$tiny_code" "${line##*: }" > "$stamp"
+fi
