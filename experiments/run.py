@@ -75,7 +75,9 @@ def prepare(cfg: DictConfig, state: dict) -> dict:
 
 def align_output(cfg: DictConfig, state: dict) -> tuple[dict, Any, Any, Path]:
     """(projector block, train settings, AlignRecipe, output dir) of the align stage.
-    train.init auto: the base's own weights when the block is the base's, else random."""
+    train.init auto: the base's own weights when the block is the base's, else random.
+    train.prealign_steps auto: the model's pretrain.prealign_steps when the projector starts
+    from random weights (every projector on model=smollm2), else 0 (model=tiny has none)."""
     from experiments.training.train import AlignRecipe, TrainSettings
     from qwen2_audio_vllm.checkpoint import load_config
 
@@ -83,9 +85,11 @@ def align_output(cfg: DictConfig, state: dict) -> tuple[dict, Any, Any, Path]:
     train = OmegaConf.to_container(cfg.train, resolve=True)
     init, kd, lora = train.pop("init", "auto"), train.pop("kd", None), train.pop("lora", None)
     chunk_s, hotwords = train.pop("chunk_s", None), train.pop("hotwords", None)
-    prealign_steps = train.pop("prealign_steps", 0)
+    prealign_steps = train.pop("prealign_steps", "auto")
     if init == "auto":
         init = "base" if block == load_config(state["base_dir"]).projector else "random"
+    if prealign_steps == "auto":  # a projector starting from scratch gets the base's own pre-alignment
+        prealign_steps = OmegaConf.select(cfg, "model.pretrain.prealign_steps", default=0) if init == "random" else 0
     recipe = AlignRecipe.from_config(init, kd, lora, chunk_s, hotwords, prealign_steps)
     settings = TrainSettings(**train, seed=cfg.seed)
     m = state["manifests"]

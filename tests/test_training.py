@@ -197,3 +197,23 @@ def test_ctc_prealignment_runs_before_the_lm_loss_and_lowers_its_dev_loss(tiny_b
     assert all(torch.equal(base[k], aligned[k]) for k in base if not k.startswith("multi_modal_projector."))
     with pytest.raises(ValueError, match="prealign_steps=-1"):
         AlignRecipe(prealign_steps=-1)
+
+
+@pytest.mark.parametrize(("overrides", "steps"), [
+    (["model=smollm2", "projector=mlp"], 2000),  # from random weights: the base recipe's pre-alignment
+    (["model=smollm2", "projector=linear"], 0),  # the base's own block: starts from its weights
+    (["model=smollm2", "projector=mlp", "train.init=mean_pool"], 0),
+    (["model=smollm2", "projector=mlp", "train.prealign_steps=7"], 7),
+    (["model=tiny", "projector=mlp"], 0),  # the tiny recipe has no pre-alignment
+])
+def test_every_projector_that_starts_from_scratch_gets_the_models_prealignment(tiny_base, overrides, steps):
+    """train.prealign_steps=auto (conf/train/align.yaml): the align stage's recipe takes the
+    model's pretrain.prealign_steps exactly when the projector starts from random weights."""
+    from experiments.run import align_output
+    from experiments.training.base import default_config
+
+    cfg = default_config(overrides)
+    state = {"base_dir": str(tiny_base), "manifests": {"train": "t.jsonl", "dev": "d.jsonl"}}
+    _, _, recipe, out = align_output(cfg, state)
+    assert recipe.prealign_steps == steps
+    assert ("prealign" in str(recipe.beyond_init())) == bool(steps)

@@ -95,37 +95,49 @@ def build_synthetic(out_dir: Path, spec: SyntheticSpec = SyntheticSpec(), worker
 
     A clip that comes out corrupt or silent is dropped here with a count in `report.json`
     and never reaches a manifest."""
-    from experiments.data.voices import check_engines
-
     splits = ("train", "dev", *TEST_SPLITS)
     manifests = {s: out_dir / f"{s}.jsonl" for s in splits}
     if (out_dir / ".complete").exists():
         return manifests
-    check_engines(spec.engines)
     workers = workers or os.cpu_count() or 2
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    rows, dropped = render_rows(tmp, plan_synthetic(spec), spec.engines, workers)
+    tmp, rows, dropped = render_fresh(out_dir, plan_synthetic(spec), spec.engines, workers)
     by_split = {s: [r for r in rows if r["split"] == s] for s in ("train", "dev", "test")}
     by_split["train"] += _augmented(tmp, by_split["train"], "train", spec, workers)
     by_split["test_noisy"] = _augmented(tmp, by_split["test"], "test_noisy", spec, workers)
+    from experiments.data.text import vocabulary
+
+    (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=1))
+    publish_splits(tmp, out_dir, by_split, dropped, vocabulary=len(vocabulary([r["text"] for r in rows])),
+                   train_vocabulary=len(vocabulary([r["text"] for r in by_split["train"]])))
+    return manifests
+
+
+def render_fresh(out_dir: Path, plan: list[dict], engines: tuple[str, ...], workers: int) -> tuple[Path, list[dict], dict[str, int]]:
+    """Render `plan` into a fresh `<out_dir>.tmp` (render_rows), after checking the engines
+    are installed; (tmp, usable rows, dropped counts). publish_splits finishes it."""
+    from experiments.data.voices import check_engines
+
+    check_engines(engines)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return (tmp, *render_rows(tmp, plan, engines, workers))
+
+
+def publish_splits(tmp: Path, out_dir: Path, by_split: dict[str, list[dict]], dropped: dict[str, int], **report) -> None:
+    """Finish a corpus rendered into `tmp`: each split's manifest (audio paths already at
+    `out_dir`), report.json (clips per split, dropped clips, `report`) and the completion
+    marker, then `tmp` replaces `out_dir` in one rename, so a half-built corpus is never read."""
     for split, split_rows in by_split.items():
         for r in split_rows:
             r["audio_filepath"] = str(out_dir / "wav" / f"{r['name']}.wav")
         write_manifest(tmp / f"{split}.jsonl", split_rows)
-    from experiments.data.text import vocabulary
-
-    report = {"clips": {s: len(v) for s, v in by_split.items()}, "dropped": dropped,
-              "vocabulary": len(vocabulary([r["text"] for r in rows])),
-              "train_vocabulary": len(vocabulary([r["text"] for r in by_split["train"]]))}
     if dropped:
         print(f"[data] dropped {sum(dropped.values())} rendered clips: {dropped}")
+    report = {"clips": {s: len(v) for s, v in by_split.items()}, "dropped": dropped, **report}
     (tmp / "report.json").write_text(json.dumps(report, indent=1))
-    (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=1))
     (tmp / ".complete").touch()
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    return manifests
 
 
 def render_rows(tmp: Path, plan: list[dict], engines: tuple[str, ...], workers: int) -> tuple[list[dict], dict[str, int]]:

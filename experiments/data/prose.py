@@ -21,7 +21,6 @@ import json
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 
 PROSE_FILE = Path(__file__).with_name("prose_opticks.txt")
@@ -83,8 +82,7 @@ def plan_prose(seed: int, engines: tuple[str, ...]) -> list[dict]:
 def build_prose(out_dir: Path, spec, train_manifests: list[Path], workers: int | None = None) -> dict[str, Path]:
     """Render the prose splits into `out_dir` (once) with the corpus `spec`'s seed, engines
     and noise; {split: manifest}. A sentence found in `train_manifests` is refused."""
-    from experiments.data import _augmented, read_manifest, render_rows, write_manifest
-    from experiments.data.voices import check_engines
+    from experiments.data import _augmented, publish_splits, read_manifest, render_fresh
 
     seen = {r["text"] for m in train_manifests for r in read_manifest(m)}  # every corpus that uses the split
     if overlap := sorted(set(prose_sentences()) & seen):
@@ -93,18 +91,8 @@ def build_prose(out_dir: Path, spec, train_manifests: list[Path], workers: int |
     manifests = {s: out_dir / f"{s}.jsonl" for s in PROSE_SPLITS}
     if (out_dir / ".complete").exists():
         return manifests
-    check_engines(spec.engines)
     workers = workers or os.cpu_count() or 2
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    rows, dropped = render_rows(tmp, plan_prose(spec.seed, spec.engines), spec.engines, workers)
+    tmp, rows, dropped = render_fresh(out_dir, plan_prose(spec.seed, spec.engines), spec.engines, workers)
     by_split = {"test_prose": rows, "test_prose_noisy": _augmented(tmp, rows, "test_prose_noisy", spec, workers)}
-    for split, split_rows in by_split.items():
-        for r in split_rows:
-            r["audio_filepath"] = str(out_dir / "wav" / f"{r['name']}.wav")
-        write_manifest(tmp / f"{split}.jsonl", split_rows)
-    (tmp / "report.json").write_text(json.dumps({"clips": {s: len(v) for s, v in by_split.items()}, "dropped": dropped}))
-    (tmp / ".complete").touch()
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    publish_splits(tmp, out_dir, by_split, dropped)
     return manifests
