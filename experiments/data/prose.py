@@ -38,30 +38,38 @@ def prose_sentences() -> list[str]:
 
 def select_sentences(book: str, n: int = 100, seed: int = 0) -> list[str]:
     """The selection that made PROSE_FILE from the book's plain text (module docstring)."""
-    import wordfreq
-
     body = book[book.find("Tracts publish"):]  # from the Advertisements on: the front matter is titles
     body = re.sub(r"\s+", " ", re.sub(r"\[[^\]]*\]", " ", body).replace("_", ""))  # footnotes, italics
     picked: list[str] = []
     for sentence in re.split(r"(?<=[.?!])\s+", body):
-        if re.search(r"[0-9&*|/\\()\[\]{}=+<>@#$%^~\"]", sentence):
-            continue
-        if not re.fullmatch(r"[A-Za-z\s]+", re.sub(r"[,;:.?!'-]", " ", sentence)):
-            continue
-        words = re.findall(r"[A-Za-z']+", sentence)
-        if not 8 <= len(words) <= 18:
-            continue
-        if any(len(w) == 1 and w.lower() not in ("a", "i") for w in words) or any(w.isupper() and len(w) > 1 for w in words):
-            continue  # figure letters ("the Line AB") and labels
-        text = re.sub(r"(\w)'d\b", r"\1ed", " ".join(w.lower() for w in re.findall(r"[A-Za-z]+(?:'[a-z]+)?", sentence)))
-        tokens = text.split()
-        if any(len(w) <= 2 and w not in SHORT_WORDS for w in tokens) or tokens[-1] in ABBREVIATIONS:
-            continue
-        if "'" in text or any(wordfreq.zipf_frequency(w, "en") < 2.5 for w in tokens):
-            continue
-        if text not in picked:
+        text = plain_sentence(sentence)
+        if text and text not in picked:
             picked.append(text)
     return random.Random(seed).sample(picked, n)
+
+
+def plain_sentence(sentence: str) -> str | None:
+    """`sentence` normalised as the corpus is (lower case, no punctuation, "-'d" spelled
+    "-ed"), or None unless it is 8-18 words of plain common English: no digits or symbols,
+    no figure letters or capitalised labels, every word wordfreq Zipf >= 2.5."""
+    import wordfreq
+
+    if re.search(r"[0-9&*|/\\()\[\]{}=+<>@#$%^~\"]", sentence):
+        return None
+    if not re.fullmatch(r"[A-Za-z\s]+", re.sub(r"[,;:.?!'-]", " ", sentence)):
+        return None
+    words = re.findall(r"[A-Za-z']+", sentence)
+    if not 8 <= len(words) <= 18:
+        return None
+    if any(len(w) == 1 and w.lower() not in ("a", "i") for w in words) or any(w.isupper() and len(w) > 1 for w in words):
+        return None  # figure letters ("the Line AB") and labels
+    text = re.sub(r"(\w)'d\b", r"\1ed", " ".join(w.lower() for w in re.findall(r"[A-Za-z]+(?:'[a-z]+)?", sentence)))
+    tokens = text.split()
+    if any(len(w) <= 2 and w not in SHORT_WORDS for w in tokens) or tokens[-1] in ABBREVIATIONS:
+        return None
+    if "'" in text or any(wordfreq.zipf_frequency(w, "en") < 2.5 for w in tokens):
+        return None
+    return text
 
 
 def prose_key(seed: int, engines: tuple[str, ...], noisy_snr_db: float) -> str:
