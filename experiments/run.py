@@ -262,6 +262,7 @@ def train_bench(cfg: DictConfig, state: dict) -> dict:
 
     from experiments.benchmarks import training as tb
     from experiments.report import write_json_atomic
+    from experiments.training.devices import placement
     from qwen2_audio_vllm.checkpoint import load_config
 
     b = OmegaConf.to_container(cfg.train_bench, resolve=True)
@@ -276,12 +277,13 @@ def train_bench(cfg: DictConfig, state: dict) -> dict:
         peak_tflops=b["gpu_peak_tflops"], mfu=b["assumed_mfu"])}
     if not b["estimate_only"]:
         place = trainer.placement()
+        places = [placement(trainer.device, p) for p in b.get("precisions") or [place.precision]]
         if place.device.type == "cpu" and tb.llm_params(dims) > 2e9:
             raise ValueError(
                 f"model={cfg.model.name} has {tb.llm_params(dims) / 1e9:.1f} B LLM parameters: too large to time on "
                 "the CPU; run it on a GPU, or set train_bench.estimate_only=true for the on-paper figures"
             )
-        result["measured"] = tb.measure(dims, blocks, place, b["batch_size"], b["clip_s"], b["text_tokens"],
+        result["measured"] = tb.measure(dims, blocks, places, b["batch_size"], b["clip_s"], b["text_tokens"],
                                         b["steps"], b["rounds"], trainer.gradient_checkpointing)
     tb.print_tables(result)
     write_json_atomic(Path(cfg.run_dir) / "train_bench.json", result)

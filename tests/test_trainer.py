@@ -135,6 +135,23 @@ def test_token_budget_align_runs_and_exports(tiny_base, data, tmp_path):
     assert json.loads((tmp_path / "budget" / "config.json").read_text())["projector"]["name"] == "mlp"
 
 
+@pytest.mark.slow  # two twins, bf16 emulated on CPUs without native bf16
+def test_train_bench_alternates_precisions(tmp_path):
+    """train_bench.precisions: each projector at each precision, on one twin per precision
+    with the same weights, in the same alternating rounds."""
+    from experiments.run import run
+    from tests.test_pipeline import composed
+
+    cfg = composed(["stages=[train_bench]", "logger=none", "train_bench.rounds=2", "train_bench.steps=1",
+                    "train_bench.clip_s=1.0", "train_bench.projectors=[{name:linear}]", "train_bench.precisions=[fp32,bf16]",
+                    f"run_dir={tmp_path}", "trainer.device=cpu"])
+    m = run(cfg)["stage_results"]["train_bench"]["measured"]
+    assert list(m["per_projector"]) == ["linear@fp32", "linear@bf16"] and m["precision"] == "fp32/bf16"
+    fp32, bf16 = m["per_projector"].values()
+    assert fp32["step_time_vs_linear@fp32_median"] == 1.0 and bf16["step_time_vs_linear@fp32_median"] > 0
+    assert fp32["projector_params"] == bf16["projector_params"] and fp32["llm_tokens_per_step"] == bf16["llm_tokens_per_step"]
+
+
 def test_train_bench_stage_measures_every_projector_and_estimates(tmp_path):
     from experiments.benchmarks.training import encoder_params, llm_params
     from experiments.run import run

@@ -5,7 +5,8 @@
     python -m experiments.run model=qwen2-audio-7b-random stages=[train_bench] train_bench.estimate_only=true
 
 `measure` builds the twin at the configured dims with random weights directly on the
-device (frozen encoder and LLM in the trainer's precision, each projector float32), feeds
+device (frozen encoder and LLM in the trainer's precision, or in each of
+`train_bench.precisions` side by side; each projector float32), feeds
 random pooled frames of `clip_s` seconds (align trains on cached frames: no encoder in the
 step) and a transcript of `text_tokens`, and times forward + backward + AdamW step for every
 projector in alternating rounds (A B C A B C ...): median and min-max seconds per step,
@@ -88,19 +89,24 @@ def estimate(d: TinySpec, projector_params: int, batch: int, clip_s: float, text
     }
 
 
-def measure(d: TinySpec, projectors: list[dict], place: Placement, batch: int, clip_s: float,
+def measure(d: TinySpec, projectors: list[dict], places: list[Placement], batch: int, clip_s: float,
             text_tokens: int, steps: int, rounds: int, gradient_checkpointing: bool = False) -> dict:
-    """Seconds per align step for each projector block, in alternating rounds."""
+    """Seconds per align step for each projector block, and for each precision of `places`
+    (one twin each, the same random weights), in alternating rounds; with several
+    precisions a case is labelled `<projector>@<precision>`."""
     from projectors import build_projector, projector_block
 
     config = make_config(d)
     config.projector = {"name": "linear"}
-    torch.manual_seed(0)
-    with torch.device(place.device), default_dtype(place.dtype):
-        model = Qwen2AudioSwap(config)  # random weights, never on disk
-    model.requires_grad_(False).train()
-    if gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    models = {}
+    for place in places:
+        torch.manual_seed(0)
+        with torch.device(place.device), default_dtype(place.dtype):
+            models[place] = Qwen2AudioSwap(config)  # random weights, never on disk
+        models[place].requires_grad_(False).train()
+        if gradient_checkpointing:
+            models[place].language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    place = places[0]
     n_frames = round(clip_s * 25)
     frames = torch.randn(batch, n_frames, d.encoder_dim, device=place.device)
     lengths = torch.full((batch,), n_frames)
@@ -118,12 +124,18 @@ def measure(d: TinySpec, projectors: list[dict], place: Placement, batch: int, c
         labels = torch.full_like(ids, IGNORE)
         labels[:, -text.shape[1]:] = text
         label = "-".join(f"{k}{v}" if k != "name" else str(v) for k, v in block.items())
-        cases[label] = {"proj": proj, "opt": torch.optim.AdamW(proj.parameters(), lr=1e-4), "ids": ids, "labels": labels,
-                        "block": projector_block(proj), "params": sum(p.numel() for p in proj.parameters())}
+        for where in places:
+            with torch.device(place.device):
+                copy = build_projector(block, d.encoder_dim, d.text_dim).float()
+            copy.load_state_dict(proj.state_dict())
+            cases[label if len(places) == 1 else f"{label}@{where.precision}"] = {
+                "proj": copy, "opt": torch.optim.AdamW(copy.parameters(), lr=1e-4), "ids": ids, "labels": labels,
+                "block": projector_block(copy), "params": sum(p.numel() for p in copy.parameters()), "place": where}
 
     def step(case: dict) -> None:
+        model = models[case["place"]]
         model.multi_modal_projector = case["proj"]
-        with place.autocast():
+        with case["place"].autocast():
             audio = model.project(frames, lengths)
             total, count = model.token_loss(case["ids"], torch.ones_like(case["ids"]), audio, case["labels"])
         (total / count).backward()
@@ -168,8 +180,9 @@ def measure(d: TinySpec, projectors: list[dict], place: Placement, batch: int, c
         "per_projector": out, "batch": batch, "clip_s": clip_s, "text_tokens": text_tokens,
         "steps_per_round": steps, "rounds": rounds, "gradient_checkpointing": gradient_checkpointing,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "model_params": sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.multi_modal_projector.parameters()),
-        **place.describe(),
+        "model_params": sum(p.numel() for p in models[place].parameters())
+        - sum(p.numel() for p in models[place].multi_modal_projector.parameters()),
+        **place.describe(), "precision": "/".join(p.precision for p in places),
     }
 
 
