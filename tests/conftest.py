@@ -127,12 +127,13 @@ def cached_splits(base: Path, out_dir: Path, seed: int, train: int) -> dict[str,
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_llm(tiny_base):
     """One engine of the fork on the tiny base with the default engine arguments, shared by
-    every test that only sends it requests (each engine start costs tens of seconds). Under
-    `make test`'s two xdist workers (--dist loadfile: a module stays in one worker) each
-    worker whose modules use it starts it once."""
+    a module's tests that only send it requests (each engine start costs tens of seconds).
+    Module scope, not session: an engine holds about 2 GiB, and session engines of both
+    xdist workers stayed up beside the heavy modules (torchrun's two ranks, the tower's two
+    ranks) until the machine ran out of its 23 GiB."""
     from experiments.serving.engine import close_llm, make_llm
 
     llm = make_llm(tiny_base)
@@ -140,10 +141,10 @@ def tiny_llm(tiny_base):
     close_llm(llm)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def upstream_llm(tiny_base):
     """The tiny base through upstream vLLM's own Qwen2-Audio class (the reference the fork
-    must equal), shared like `tiny_llm`."""
+    must equal), shared within a module like `tiny_llm`."""
     from vllm import LLM
 
     from experiments.serving.engine import close_llm, engine_kwargs
@@ -154,9 +155,10 @@ def upstream_llm(tiny_base):
     close_llm(llm)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_server(tiny_base, tmp_path_factory):
-    """One `vllm serve` of the tiny base, shared by the serving, reliability and hotword tests.
+    """One `vllm serve` of the tiny base, shared by a module's serving, reliability or hotword
+    tests (module scope, as `tiny_llm`).
     trust_request_mm_kwargs: vLLM's guard for per-request processor options (hotwords)."""
     from experiments.serving.server import Server
 
