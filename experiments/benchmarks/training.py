@@ -125,7 +125,7 @@ def measure(d: TinySpec, projectors: list[dict], places: list[Placement], batch:
         labels[:, -text.shape[1]:] = text
         label = "-".join(f"{k}{v}" if k != "name" else str(v) for k, v in block.items())
         for where in places:
-            with torch.device(place.device):
+            with torch.device(where.device):
                 copy = build_projector(block, d.encoder_dim, d.text_dim).float()
             copy.load_state_dict(proj.state_dict())
             cases[label if len(places) == 1 else f"{label}@{where.precision}"] = {

@@ -65,13 +65,19 @@ def plan_synthetic(spec: SyntheticSpec) -> list[dict]:
 
     rng = random.Random(spec.seed)
     texts = sentences_for_splits(spec.seed, {"train": spec.train, "dev": spec.dev, "test": spec.test})
+    return [row for split, sentences in texts.items()
+            for row in voiced_rows(split, split, sentences, TEST_VOICES if split == "test" else TRAIN_VOICES, spec.engines, rng)]
+
+
+def voiced_rows(split: str, prefix: str, sentences: list[str], voices: dict[str, list[str]],
+                engines: tuple[str, ...], rng: random.Random) -> list[dict]:
+    """A manifest row without audio per sentence, named `<prefix>_<i>`: engines in turn, a
+    voice of `voices` for the engine, a speed and a pitch drawn from `rng` (in that order)."""
     rows = []
-    for split, sentences in texts.items():
-        voices = TEST_VOICES if split == "test" else TRAIN_VOICES
-        for i, text in enumerate(sentences):
-            engine = spec.engines[i % len(spec.engines)]
-            rows.append({"split": split, "name": f"{split}_{i:05d}", "text": text, "engine": engine,
-                         "voice": rng.choice(voices[engine]), "speed": round(rng.random(), 3), "pitch": round(rng.random(), 3)})
+    for i, text in enumerate(sentences):
+        engine = engines[i % len(engines)]
+        rows.append({"split": split, "name": f"{prefix}_{i:05d}", "text": text, "engine": engine,
+                     "voice": rng.choice(voices[engine]), "speed": round(rng.random(), 3), "pitch": round(rng.random(), 3)})
     return rows
 
 

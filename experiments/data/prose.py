@@ -79,12 +79,10 @@ def prose_key(seed: int, engines: tuple[str, ...], noisy_snr_db: float) -> str:
 
 def plan_prose(seed: int, engines: tuple[str, ...]) -> list[dict]:
     """One clean row per sentence: engines in turn, a test voice, a speed and a pitch drawn."""
+    from experiments.data import voiced_rows
     from experiments.data.voices import TEST_VOICES
 
-    rng = random.Random(f"prose-{seed}")
-    return [{"split": "test_prose", "name": f"test_prose_{i:05d}", "text": text, "engine": engines[i % len(engines)],
-             "voice": rng.choice(TEST_VOICES[engines[i % len(engines)]]), "speed": round(rng.random(), 3),
-             "pitch": round(rng.random(), 3)} for i, text in enumerate(prose_sentences())]
+    return voiced_rows("test_prose", "test_prose", prose_sentences(), TEST_VOICES, engines, random.Random(f"prose-{seed}"))
 
 
 def build_prose(out_dir: Path, spec, train_manifests: list[Path], workers: int | None = None) -> dict[str, Path]:

@@ -11,9 +11,10 @@ docstrings of CPython 3.11's standard library and of its language reference
 corpus's augmentation. No sentence of the test, dev or prose splits occurs among them
 (refused when the split is built).
 
-On by `data.real_text=true`, which a model config sets for itself with `real_text: true`
-(model=smollm2 does). The sentences sit in `real_text_stdlib.txt`, made by
-`select_stdlib_sentences` on Python 3.11.7. Built once per corpus into the cache.
+On by `data.real_text=true`, which a model config can set for its base with
+`real_text: true`; no base does (the smollm2 base measured worse with it: docs/smollm2.md).
+The sentences sit in `real_text_stdlib.txt`, made by `select_stdlib_sentences` on Python
+3.11.7. Built once per corpus into the cache.
 """
 
 from __future__ import annotations
@@ -84,12 +85,10 @@ def real_text_key(corpus_key: str) -> str:
 
 def plan_real_text(seed: int, engines: tuple[str, ...], sentences: list[str]) -> list[dict]:
     """One training row per sentence: engines in turn, a training voice, a speed and a pitch drawn."""
+    from experiments.data import voiced_rows
     from experiments.data.voices import TRAIN_VOICES
 
-    rng = random.Random(f"real-text-{seed}")
-    return [{"split": "train", "name": f"train_real_{i:05d}", "text": text, "engine": engines[i % len(engines)],
-             "voice": rng.choice(TRAIN_VOICES[engines[i % len(engines)]]), "speed": round(rng.random(), 3),
-             "pitch": round(rng.random(), 3)} for i, text in enumerate(sentences)]
+    return voiced_rows("train", "train_real", sentences, TRAIN_VOICES, engines, random.Random(f"real-text-{seed}"))
 
 
 def build_real_text(out_dir: Path, spec, corpus: dict[str, Path], workers: int | None = None,
