@@ -266,7 +266,8 @@ ANCHOR_RATES = {
 def plot_alignment(result: dict[str, Any], path: Path) -> Path:
     """Dev loss against steps of an align result (align.json / pretrain.json): the CTC
     pre-alignment's (`prealign`, when the recipe had one) and the LM loss's, side by side,
-    with the wall time of each phase in its title."""
+    with the wall time of each phase in its title; the dev WER on the right axis where the
+    run recorded it (train.dev_wer_clips)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -282,7 +283,15 @@ def plot_alignment(result: dict[str, Any], path: Path) -> Path:
         ax.set_title(f"{title}\n{r['train_seconds'] / 60:.1f} min, {r['seconds_per_step']:.2f} s/step", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        wer = [(h["step"], 100 * h["dev_wer"]) for h in r["history"] if "dev_wer" in h]
+        if wer:
+            right = ax.twinx()
+            line = right.plot(*zip(*wer, strict=True), marker="s", color="tab:red", label="dev WER (right)")
+            right.set_ylabel("dev WER (%)")
+            right.set_ylim(bottom=0)
+            handles, labels = handles + line, labels + ["dev WER (right)"]
+        ax.legend(handles, labels, fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     return path

@@ -96,7 +96,9 @@ def align_output(cfg: DictConfig, state: dict) -> tuple[dict, Any, Any, Path]:
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer.pop("encoder_batch_size")  # how the cache is computed, not what it holds
     beyond = [recipe.beyond_init()] if recipe.beyond_init() else []  # plain runs keep their keys
-    key = key_of(state["base_dir"], block, settings.__dict__, init, m["train"], m["dev"], trainer, *beyond)
+    # dev_wer_clips only adds a measurement: runs without it keep the keys they had
+    keyed = {k: v for k, v in settings.__dict__.items() if k != "dev_wer_clips" or v}
+    key = key_of(state["base_dir"], block, keyed, init, m["train"], m["dev"], trainer, *beyond)
     return block, settings, recipe, Path(cfg.artifacts_dir) / "align" / f"{block['name']}-{key}"
 
 
@@ -153,9 +155,10 @@ def align(cfg: DictConfig, state: dict) -> dict:
     if place.device.type == "cuda":
         torch.cuda.empty_cache()  # the twin is gone: give its memory back before vLLM starts
     result |= {"checkpoint": str(out / "checkpoint"), "projector": block, "init": recipe.init, "encoder_cache": caches}
-    from experiments.report import write_json_atomic
+    from experiments.report import plot_alignment, write_json_atomic
 
     if is_main():
+        result["alignment_png"] = str(plot_alignment(result, out / "alignment.png"))
         write_json_atomic(done, result)
     return result
 

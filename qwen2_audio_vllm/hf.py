@@ -229,14 +229,27 @@ def greedy_transcribe(
         text = prompt(int(b - a)) if callable(prompt) else prompt
         ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         rows.append(expand_audio_placeholders(ids, per_item[a:b], model.audio_token_id, prefix))
+    tokens = greedy_tokens(model, processor.tokenizer, rows, flat, max_new_tokens)
+    return tokens, [sum(per_item[a:b]) for a, b in zip(ends[:-1], ends[1:], strict=True)]
+
+
+@torch.no_grad()
+def greedy_tokens(
+    model: Qwen2AudioSwap, tokenizer, rows: list[list[int]], audio_embeds: list[torch.Tensor], max_new_tokens: int,
+) -> list[list[int]]:
+    """Greedy decoding of prompt rows whose audio placeholders are already expanded
+    (`audio_embeds`: one tensor per placeholder run, in prompt order), left-padded on the
+    model's device; each row's new tokens up to and with the first stop token, as vLLM
+    returns them."""
     width = max(map(len, rows))
-    pad = processor.tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left-padded
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    eos = processor.tokenizer.convert_tokens_to_ids(STOP_TOKENS)
-    out = model.generate_greedy(input_ids, attention_mask, flat, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    pad = tokenizer.pad_token_id
+    device = audio_embeds[0].device if audio_embeds else torch.device("cpu")
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # left-padded
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    eos = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
+    out = model.generate_greedy(input_ids, attention_mask, audio_embeds, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     tokens = []
     for row in out.tolist():
         stop = next((i for i, t in enumerate(row) if t in eos), None)
         tokens.append(row if stop is None else row[: stop + 1])  # vLLM keeps the stop token
-    return tokens, [sum(per_item[a:b]) for a, b in zip(ends[:-1], ends[1:], strict=True)]
+    return tokens

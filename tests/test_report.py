@@ -214,3 +214,20 @@ def test_plot_alignment_draws_a_panel_per_phase(tmp_path):
     one = Image.open(plot_alignment(lm, tmp_path / "lm.png"))
     two = Image.open(plot_alignment(lm | {"prealign": dict(lm)}, tmp_path / "both.png"))
     assert two.size[0] == 2 * one.size[0] and two.size[1] == one.size[1]
+
+
+def test_plot_alignment_draws_the_dev_wer_where_the_run_recorded_it(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from experiments.report import plot_alignment
+
+    history = [{"step": 100, "train_loss": 3.2, "dev_loss": 3.4}, {"step": 200, "train_loss": 2.8, "dev_loss": 2.4}]
+    lm = {"history": history, "train_seconds": 600.0, "seconds_per_step": 2.3}
+    with_wer = lm | {"history": [h | {"dev_wer": w} for h, w in zip(history, (0.9, 0.4), strict=True)]}
+
+    def red_pixels(result: dict, name: str) -> int:  # the WER line is tab:red (214, 39, 40)
+        rgb = np.asarray(Image.open(plot_alignment(result, tmp_path / name)).convert("RGB")).astype(int)
+        return int((np.abs(rgb - [214, 39, 40]).sum(axis=2) < 30).sum())
+
+    assert red_pixels(lm, "plain.png") == 0 and red_pixels(with_wer, "wer.png") > 100

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from experiments.data import SyntheticSpec, build_synthetic, read_manifest
 from experiments.training.cache import load_or_build
-from experiments.training.train import TrainSettings, align
-from qwen2_audio_vllm.checkpoint import load_model, load_processor
+from experiments.training.train import AlignRecipe, TextBatcher, TrainSettings, align
+from qwen2_audio_vllm.checkpoint import load_config, load_model, load_processor
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +217,49 @@ def test_every_projector_that_starts_from_scratch_gets_the_models_prealignment(t
     _, _, recipe, out = align_output(cfg, state)
     assert recipe.prealign_steps == steps
     assert ("prealign" in str(recipe.beyond_init())) == bool(steps)
+
+
+def test_dev_wer_against_steps_is_the_exported_checkpoints_greedy_wer(tiny_base, rows, tmp_path):
+    """train.dev_wer_clips: at each evaluation the first N dev clips are decoded greedily from
+    their cached frames; at the last (and only) evaluation that WER is the one the exported
+    checkpoint gets decoding the same clips' audio as the reference path does."""
+    from experiments.data.audio import load_audio
+    from experiments.metrics import wer_cer
+    from experiments.serving.engine import chat_prompt
+    from experiments.training.train import greedy_wer
+    from qwen2_audio_vllm.hf import greedy_transcribe
+
+    model, processor = load_model(tiny_base), load_processor(tiny_base)
+    train, dev = rows
+    tf, _ = load_or_build(model, processor, train, tmp_path / "c_train", store_dtype=torch.float32)
+    df, _ = load_or_build(model, processor, dev, tmp_path / "c_dev", store_dtype=torch.float32)
+    texts = [r["text"] for r in dev]
+    s = TrainSettings(steps=6, batch_size=8, lr=1e-4, warmup=2, eval_every=3, dev_wer_clips=5)
+    out = tmp_path / "aligned"
+    # random weights: the transcripts are word salad, but words (the check below is on them)
+    result = align(tiny_base, load_config(tiny_base).projector, (tf, [r["text"] for r in train]), (df, texts), out, s,
+                   AlignRecipe(init="base"))
+    wers = [h["dev_wer"] for h in result["history"]]
+    assert len(wers) == 2 and all(w > 0 for w in wers)
+
+    aligned, proc = load_model(out), load_processor(out)
+    max_new = max(len(ids) for ids in proc.tokenizer(texts[:5], add_special_tokens=False)["input_ids"]) + 8
+    tokens, _ = greedy_transcribe(aligned, proc, [load_audio(r["audio_filepath"]) for r in dev[:5]],
+                                  chat_prompt(proc.tokenizer), max_new)
+    hyps = proc.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    assert all(h.split() for h in hyps)
+    best = min(result["history"], key=lambda h: h["dev_loss"])
+    assert best["dev_wer"] == pytest.approx(wer_cer(texts[:5], hyps)["wer"])
+    assert greedy_wer(aligned, TextBatcher(proc.tokenizer, aligned.audio_token_id), df[:5], texts[:5], 2,
+                      torch.device("cpu")) == pytest.approx(best["dev_wer"])
+
+
+def test_dev_wer_keeps_the_align_keys_of_runs_without_it(tiny_base):
+    from experiments.run import align_output
+    from experiments.training.base import default_config
+
+    state = {"base_dir": str(tiny_base), "manifests": {"train": "t.jsonl", "dev": "d.jsonl"}}
+    plain = align_output(default_config(["projector=linear"]), state)
+    off = align_output(default_config(["projector=linear", "train.dev_wer_clips=0"]), state)
+    on = align_output(default_config(["projector=linear", "train.dev_wer_clips=50"]), state)
+    assert plain[3] == off[3] != on[3] and on[1].dev_wer_clips == 50

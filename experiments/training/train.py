@@ -51,6 +51,7 @@ class TrainSettings:
     clip_norm: float = 1.0
     eval_every: int = 100
     seed: int = 0
+    dev_wer_clips: int = 0  # align: the first N dev clips decoded greedily at every evaluation (dev WER); 0: off
 
 
 @dataclass(frozen=True)
@@ -199,10 +200,12 @@ def fit(
     s: TrainSettings,
     place: Placement,
     desc: str,
+    dev_wer: Callable[[], float] | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor] | None]:
     """The shared loop: trains the parameters of `trained` (a submodule of `model`, or
     `model`) and returns (metrics, best state of `trained` by dev loss, on the CPU).
-    `loss_on(indices)` gives (summed token loss, token count) of this process's rows."""
+    `loss_on(indices)` gives (summed token loss, token count) of this process's rows.
+    `dev_wer`: also recorded at every evaluation (it never picks the best weights)."""
     torch.manual_seed(s.seed)
     params = [p for p in trained.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
@@ -229,9 +232,13 @@ def fit(
             model.eval()
             with torch.no_grad(), place.autocast():
                 dev = dev_loss()
-            history.append({"step": step + 1, "train_loss": train_loss, "dev_loss": dev})
+                entry = {"step": step + 1, "train_loss": train_loss, "dev_loss": dev}
+                if dev_wer is not None:
+                    entry["dev_wer"] = dev_wer()
+            history.append(entry)
             if devices.is_main():
-                bar.write(f"[{desc}] step {step + 1}: train {train_loss:.3f}  dev {dev:.3f}")
+                wer = f"  dev WER {100 * entry['dev_wer']:.1f} %" if "dev_wer" in entry else ""
+                bar.write(f"[{desc}] step {step + 1}: train {train_loss:.3f}  dev {dev:.3f}{wer}")
             if dev < best:
                 best = dev
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in trained.state_dict().items()}
@@ -282,6 +289,29 @@ def copy_alignment_head(base_dir: Path, out_dir: Path) -> None:
 
     if (base_dir / HEAD_DIR / "config.json").is_file():
         shutil.copytree(base_dir / HEAD_DIR, out_dir / HEAD_DIR, dirs_exist_ok=True)
+
+
+def greedy_wer(model: Qwen2AudioSwap, batcher: TextBatcher, frames: list, texts: list[str], batch_size: int,
+               device: torch.device) -> float:
+    """Corpus WER (a fraction, normalised as evaluate's) of greedy decoding of cached
+    encoder frames (a clip, or a stream's chunks, per entry) with serving's prompt, by the
+    model as it is now: what the align loop records as dev WER against steps."""
+    from experiments.metrics import wer_cer
+    from experiments.training.cache import pad_frames
+    from qwen2_audio_vllm.hf import greedy_tokens
+
+    answers = batcher.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    max_new = max(map(len, answers)) + 8  # room to show a run-on, bounded
+    hyps = []
+    for i in range(0, len(texts), batch_size):
+        items = [_items(f) for f in frames[i : i + batch_size]]
+        x, lengths = pad_frames([f for row in items for f in row])
+        audio = model.project(x.to(device, torch.float32), lengths)
+        counts = _grouped([a.shape[0] for a in audio], [len(row) for row in items])
+        rows = [expand_audio_placeholders(batcher.prompt_for(len(n)), n, model.audio_token_id) for n in counts]
+        hyps += batcher.tokenizer.batch_decode(greedy_tokens(model, batcher.tokenizer, rows, audio, max_new),
+                                               skip_special_tokens=True)
+    return float(wer_cer(texts, hyps)["wer"])
 
 
 def mean_loss(loss_on: LossFn, n: int, batch_size: int) -> float:
@@ -727,10 +757,13 @@ def align(
     train_lists = hotword_lists(train[1], recipe, s.seed) if recipe.hotwords_p else None
     n_tokens = [proj.output_lengths(torch.tensor([f.shape[0] for f in _items(r)])).tolist() for r in train[0]]
     lengths = batcher.lengths(train[1], n_tokens, train_lists)
+    n_wer = min(s.dev_wer_clips, len(dev[1]))
     result, best = fit(
         model, trained, loss_for(*train, train_mode=True),
         lambda: mean_loss(loss_for(*dev, train_mode=False), len(dev[1]), s.batch_size),
         batches(lengths, s.batch_size, _budget(trainer), s.seed), s, place, f"align {projector['name']}",
+        dev_wer=(lambda: greedy_wer(model, batcher, dev[0][:n_wer], dev[1][:n_wer], s.batch_size, place.device))
+        if n_wer else None,
     )
     export_best(model, trained, best, processor, out_dir, frozen_from=base_dir, lora=adapters is not None)
     result["trainable_params"] = sum(p.numel() for p in trained.parameters())
