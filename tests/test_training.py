@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,3 +264,5 @@ def test_dev_wer_keeps_the_align_keys_of_runs_without_it(tiny_base):
     off = align_output(default_config(["projector=linear", "train.dev_wer_clips=0"]), state)
     on = align_output(default_config(["projector=linear", "train.dev_wer_clips=50"]), state)
     assert plain[3] == off[3] != on[3] and on[1].dev_wer_clips == 50
+    with pytest.raises(ValueError, match=r"train.dev_wer_clips=-1: expected 0 \(no dev WER\)"):
+        align(tiny_base, {"name": "linear"}, ([], []), ([], []), Path("unused"), TrainSettings(dev_wer_clips=-1))

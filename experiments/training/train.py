@@ -689,6 +689,9 @@ def align(
     from qwen2_audio_vllm.checkpoint import load_model, load_processor
 
     check_recipe(base_dir, projector, recipe)
+    if s.dev_wer_clips < 0:
+        raise ValueError(f"train.dev_wer_clips={s.dev_wer_clips}: expected 0 (no dev WER) or how many dev clips "
+                         "to decode at every evaluation, e.g. 100")
     place = trainer.placement()
     torch.manual_seed(s.seed)
     if recipe.kd_teacher == "whole" and (teacher_frames is None or len(teacher_frames) != len(train[0])):
