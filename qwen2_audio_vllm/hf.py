@@ -243,7 +243,7 @@ def greedy_tokens(
     returns them."""
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id
-    device = audio_embeds[0].device if audio_embeds else torch.device("cpu")
+    device = model.language_model.get_input_embeddings().weight.device  # a text-only row set too
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # left-padded
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     eos = tokenizer.convert_tokens_to_ids(STOP_TOKENS)

@@ -11,6 +11,9 @@ no list in the prompt.
 Checkpoints: `hotwords` is the base aligned with lists in half of its training prompts
 (`experiment=hotwords`), `plain` the same recipe without lists (`train.hotwords.p=0`, the
 compression baseline); both are aligned first when missing (cached by their align key).
+`model=` picks the model of all three (default: the default model's). `base` is that model's
+base checkpoint as built, never shown a list: whether its LLM uses a list unprompted
+(`systems=[base] model=smollm2`).
 Whisper tiny.en (faster-whisper, greedy) gets the same lists as `hotwords=` (its prompt keeps
 the last ~223 tokens of a long list). Writes hotwords.json, hotwords.md and hotwords.png
 (B-WER against list size).
@@ -67,7 +70,7 @@ def write_plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ns = result["distractors"]
-    for name, style in (("hotwords", "o-"), ("plain", "s:"), ("whisper", "^--")):
+    for name, style in (("hotwords", "o-"), ("plain", "s:"), ("base", "d-."), ("whisper", "^--")):
         conds = result["systems"].get(name)
         if not conds:
             continue
@@ -106,6 +109,9 @@ def main(cfg: DictConfig) -> None:
     from experiments.serving.engine import close_llm, make_llm, quiet_vllm
     from experiments.training.base import default_base
 
+    unknown = sorted(set(cfg.systems) - {"hotwords", "plain", "base", "whisper"})
+    if unknown:
+        raise SystemExit(f"systems={list(cfg.systems)}: {unknown} unknown; expected hotwords, plain, base or whisper")
     quiet_vllm(cfg.verbose)
     out = Path(HydraConfig.get().runtime.output_dir)
     _, manifests = default_base()
@@ -117,7 +123,9 @@ def main(cfg: DictConfig) -> None:
     result: dict = {"split": cfg.split, "clips": len(rows), "distractors": list(cfg.distractors), "pool": len(pool),
                     "bias_words_per_utterance": sum(len(x) for x in lists[0]) / max(1, len(rows)),
                     "systems": {}, "labels": {}, "checkpoints": {}, "seconds": {}}
-    systems = {"hotwords": list(cfg.hotwords_overrides), "plain": ["train.hotwords.p=0"]}
+    # plain is hotwords' recipe (overrides included) without lists; model= applies to all three
+    recipe = ([f"model={cfg.model}"] if cfg.model else []) + list(cfg.hotwords_overrides)
+    systems = {"hotwords": recipe, "plain": [*recipe, "train.hotwords.p=0"]}
     for name in cfg.systems:
         t0 = time.perf_counter()
         if name == "whisper":
@@ -126,9 +134,10 @@ def main(cfg: DictConfig) -> None:
             conds = {"none": biased_wer(texts, run(None), lists[0])}
             conds |= {f"n{n}": biased_wer(texts, run(lists[n]), lists[n]) for n in cfg.distractors}
         else:
-            ckpt = aligned_checkpoint(systems[name])
+            ckpt = default_base(cfg.model)[0] if name == "base" else aligned_checkpoint(systems[name])
             result["checkpoints"][name] = str(ckpt)
-            result["labels"][name] = {"hotwords": "aligned with lists", "plain": "aligned without lists"}[name]
+            result["labels"][name] = {"hotwords": "aligned with lists", "plain": "aligned without lists",
+                                      "base": f"{cfg.model or 'default'} base, never shown a list"}[name]
             llm = make_llm(ckpt, **OmegaConf.to_container(cfg.engine, resolve=True))
             try:
                 def run(ls, llm=llm):
