@@ -35,6 +35,18 @@ def _evaluate(name: str, split: str) -> Command:
                                  f"hydra.run.dir={out / name}"]
 
 
+def _demo(name: str, module: str) -> Command:
+    """`module demo=true` measuring the entry's base checkpoint, its outputs under out/name."""
+    return lambda out, base, m: [*PY, module, "demo=true", f"model={base}", f"out_dir={out / name}",
+                                 f"hydra.run.dir={out / name}"]
+
+
+def _anchor(name: str) -> Command:
+    """experiments.benchmarks.whisper_anchor: the entry's base beside Whisper tiny.en on every test split."""
+    return lambda out, base, m: [*PY, "experiments.benchmarks.whisper_anchor", f"checkpoint={base}", ALL_SPLITS,
+                                 f"hydra.run.dir={out / name}"]
+
+
 # entries run on another model's base than the default (tiny): name -> model config
 ENTRY_MODELS = {"small_base_wer": "small", "small_base_wer_noisy": "small",
                 "scratch_base_wer": "tiny-scratch", "scratch_base_wer_noisy": "tiny-scratch",
@@ -58,12 +70,10 @@ def entries() -> dict[str, tuple[str, Command]]:
                            _evaluate("small_base_wer", "test")),
         "small_base_wer_noisy": ("docs/testbed.md: model=small's WER/CER, noisy held-out split (10 dB)",
                                  _evaluate("small_base_wer_noisy", "test_noisy")),
-        "whisper_anchor": ("README / docs/testbed.md: Whisper tiny.en itself beside the base, paired", lambda out, base, m: [
-            *PY, "experiments.benchmarks.whisper_anchor", f"checkpoint={base}", ALL_SPLITS,
-            f"hydra.run.dir={out / 'whisper_anchor'}"]),
+        "whisper_anchor": ("README / docs/testbed.md: Whisper tiny.en itself beside the base, paired",
+                           _anchor("whisper_anchor")),
         "smollm2_anchor": ("README / docs/smollm2.md: the smollm2 base (built if missing) beside Whisper tiny.en, paired",
-                           lambda out, base, m: [*PY, "experiments.benchmarks.whisper_anchor", f"checkpoint={base}",
-                                                 ALL_SPLITS, f"hydra.run.dir={out / 'smollm2_anchor'}"]),
+                           _anchor("smollm2_anchor")),
         "timestamps": ("README / docs/timestamps.md: boundary error against festival's word times, beside Whisper tiny.en",
                        lambda out, base, m: [*PY, "experiments.benchmarks.timestamps", f"checkpoint={base}",
                                              f"hydra.run.dir={out / 'timestamps'}"]),
@@ -98,17 +108,13 @@ def entries() -> dict[str, tuple[str, Command]]:
         "train_bench_7b": ("docs/gpu-7b.md: the 7B align estimate", lambda out, base, m: [
             *PY, "experiments.run", "model=qwen2-audio-7b-random", "stages=[train_bench]",
             "train_bench.estimate_only=true", f"hydra.run.dir={out / 'train_bench_7b'}"]),
-        "long_form": ("docs/long-audio.md: the long-form demo", lambda out, base, m: [
-            *PY, "experiments.serving.long_form", "demo=true", f"hydra.run.dir={out / 'long_form'}"]),
-        "streaming": ("docs/streaming.md: streamed vs whole-utterance WER, cost per update", lambda out, base, m: [
-            *PY, "experiments.serving.streaming", "demo=true", f"out_dir={out / 'streaming'}",
-            f"hydra.run.dir={out / 'streaming'}"]),
-        "streaming_smollm2": ("docs/streaming.md: the same on the smollm2 base", lambda out, base, m: [
-            *PY, "experiments.serving.streaming", "demo=true", f"model={base}", f"out_dir={out / 'streaming_smollm2'}",
-            f"hydra.run.dir={out / 'streaming_smollm2'}"]),
-        "long_form_smollm2": ("docs/long-audio.md: the long-form demo on the smollm2 base", lambda out, base, m: [
-            *PY, "experiments.serving.long_form", "demo=true", f"model={base}", f"out_dir={out / 'long_form_smollm2'}",
-            f"hydra.run.dir={out / 'long_form_smollm2'}"]),
+        "long_form": ("docs/long-audio.md: the long-form demo", _demo("long_form", "experiments.serving.long_form")),
+        "streaming": ("docs/streaming.md: streamed vs whole-utterance WER, cost per update",
+                      _demo("streaming", "experiments.serving.streaming")),
+        "streaming_smollm2": ("docs/streaming.md: the same on the smollm2 base",
+                              _demo("streaming_smollm2", "experiments.serving.streaming")),
+        "long_form_smollm2": ("docs/long-audio.md: the long-form demo on the smollm2 base",
+                              _demo("long_form_smollm2", "experiments.serving.long_form")),
         "hotwords_smollm2": ("docs/hotwords.md: the smollm2 base, never shown a list, given one", lambda out, base, m: [
             *PY, "experiments.benchmarks.hotwords", "model=smollm2", "systems=[base,whisper]", "distractors=[0,100]",
             f"hydra.run.dir={out / 'hotwords_smollm2'}"]),

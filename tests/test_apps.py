@@ -75,7 +75,7 @@ def test_app_config_composes(config):
     (["experiments.serving.streaming", "files=[a.wav]", "stream.chunk_s=0.01"], "stream.chunk_s=0.01"),
     (["experiments.benchmarks.serving", "checkpoint=/nope", "compare=[nope]"], "unknown serve configs ['nope']"),
     (["experiments.benchmarks.cost_split", "models=[nope]"], "no conf/model/nope.yaml; choose from"),
-    (["experiments.benchmarks.hotwords", "systems=[base,bogus]"], "['bogus'] unknown; expected hotwords, plain, base"),
+    (["experiments.benchmarks.hotwords", "systems=[base,bogus]"], "['bogus'] unknown; expected one of hotwords, plain, base, whisper"),
 ])
 def test_bad_values_say_what_to_give(argv, message, tmp_path):
     run = subprocess.run([sys.executable, "-m", *argv, f"hydra.run.dir={tmp_path}"], capture_output=True, text=True,

@@ -28,6 +28,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+# Each system's label ({model}: model= or "default") and plot style, in plot order.
+SYSTEMS = {
+    "hotwords": ("aligned with lists", "o-"),
+    "plain": ("aligned without lists", "s:"),
+    "base": ("{model} base, never shown a list", "d-."),
+    "whisper": ("Whisper tiny.en (hotwords=)", "^--"),
+}
+
 
 def aligned_checkpoint(overrides: list[str]) -> Path:
     """The checkpoint `python -m experiments.run experiment=hotwords <overrides>` aligns
@@ -70,7 +78,7 @@ def write_plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ns = result["distractors"]
-    for name, style in (("hotwords", "o-"), ("plain", "s:"), ("base", "d-."), ("whisper", "^--")):
+    for name, (_, style) in SYSTEMS.items():
         conds = result["systems"].get(name)
         if not conds:
             continue
@@ -107,14 +115,14 @@ def main(cfg: DictConfig) -> None:
     from experiments.metrics import biased_wer
     from experiments.report import write_json_atomic
     from experiments.serving.engine import close_llm, make_llm, quiet_vllm
-    from experiments.training.base import default_base
+    from experiments.training.base import default_base, default_manifests
 
-    unknown = sorted(set(cfg.systems) - {"hotwords", "plain", "base", "whisper"})
+    unknown = sorted(set(cfg.systems) - SYSTEMS.keys())
     if unknown:
-        raise SystemExit(f"systems={list(cfg.systems)}: {unknown} unknown; expected hotwords, plain, base or whisper")
+        raise SystemExit(f"systems={list(cfg.systems)}: {unknown} unknown; expected one of {', '.join(SYSTEMS)}")
     quiet_vllm(cfg.verbose)
     out = Path(HydraConfig.get().runtime.output_dir)
-    _, manifests = default_base()
+    manifests = default_manifests()
     counts = word_counts([r["text"] for r in read_manifest(manifests["train"])])
     rows = read_manifest(manifests[cfg.split])[: cfg.limit or None]
     texts = [r["text"] for r in rows]
@@ -128,16 +136,14 @@ def main(cfg: DictConfig) -> None:
     systems = {"hotwords": recipe, "plain": [*recipe, "train.hotwords.p=0"]}
     for name in cfg.systems:
         t0 = time.perf_counter()
+        result["labels"][name] = SYSTEMS[name][0].format(model=cfg.model or "default")
         if name == "whisper":
-            result["labels"][name] = "Whisper tiny.en (hotwords=)"
             run = lambda ls: whisper_hotwords(rows, ls, cfg.threads)  # noqa: E731
             conds = {"none": biased_wer(texts, run(None), lists[0])}
             conds |= {f"n{n}": biased_wer(texts, run(lists[n]), lists[n]) for n in cfg.distractors}
         else:
             ckpt = default_base(cfg.model)[0] if name == "base" else aligned_checkpoint(systems[name])
             result["checkpoints"][name] = str(ckpt)
-            result["labels"][name] = {"hotwords": "aligned with lists", "plain": "aligned without lists",
-                                      "base": f"{cfg.model or 'default'} base, never shown a list"}[name]
             llm = make_llm(ckpt, **OmegaConf.to_container(cfg.engine, resolve=True))
             try:
                 def run(ls, llm=llm):

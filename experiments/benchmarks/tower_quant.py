@@ -130,7 +130,7 @@ def main(cfg: DictConfig) -> None:
     from experiments.metrics import wer_difference
     from experiments.report import write_json_atomic
     from experiments.serving.engine import quiet_vllm
-    from experiments.training.base import default_base
+    from experiments.training.base import default_manifests
     from qwen2_audio_vllm.checkpoint import load_config
 
     check_rounds(cfg.rounds)
@@ -138,7 +138,7 @@ def main(cfg: DictConfig) -> None:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # TowerTime goes to the workers
     out = Path(HydraConfig.get().runtime.output_dir)
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else aligned_checkpoint(["train.hotwords.p=0"])
-    _, manifests = default_base()
+    manifests = default_manifests()
     splits = {name: read_manifest(manifests[name])[: cfg.limit or None] for name in cfg.splits}
     engine = OmegaConf.to_container(cfg.engine, resolve=True)
     first, *more = cfg.splits

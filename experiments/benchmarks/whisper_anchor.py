@@ -111,10 +111,10 @@ def main(cfg: DictConfig) -> None:
 
     from experiments.report import write_json_atomic
     from experiments.serving.engine import quiet_vllm
-    from experiments.training.base import default_base
+    from experiments.training.base import default_base, default_manifests
 
     if cfg.checkpoint:
-        ckpt, manifests = Path(cfg.checkpoint), default_base()[1]
+        ckpt, manifests = Path(cfg.checkpoint), default_manifests()
     else:
         ckpt, manifests = default_base()
     if not (ckpt / "config.json").is_file():

@@ -225,7 +225,7 @@ def long_form_eval(ckpt: Path, rows: list[dict], seconds: float, n_clips: int, o
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from experiments.training.base import default_base
+    from experiments.training.base import default_base, default_manifests
 
     if cfg.strategy not in ("segments", "whole"):
         raise SystemExit(f"strategy={cfg.strategy}: expected segments (cut at pauses) or whole (encoder windows)")
@@ -233,9 +233,9 @@ def main(cfg: DictConfig) -> None:
     if cfg.demo:
         from experiments.data import read_manifest
 
-        base, manifests = default_base()  # the corpus's held-out test split, whichever model is measured
-        ckpt = Path(cfg.model) if cfg.model else base
-        r = long_form_eval(ckpt, read_manifest(manifests["test"]), cfg.seconds, cfg.clips, Path(cfg.out_dir))
+        ckpt = Path(cfg.model) if cfg.model else default_base()[0]
+        test = read_manifest(default_manifests()["test"])  # the corpus's held-out split, whichever model is measured
+        r = long_form_eval(ckpt, test, cfg.seconds, cfg.clips, Path(cfg.out_dir))
         print(f"{r['clips']} clips of {r['seconds']:.0f} s: utterances {r['utterances']}, segments found {r['segments_found']}")
         for s in ("own_files", "segments", "whole"):
             print(f"{s:>9}: WER {r[s]['wer']:.1%} [{r[s]['wer_ci_low']:.1%}, {r[s]['wer_ci_high']:.1%}]  "

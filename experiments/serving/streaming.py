@@ -561,7 +561,7 @@ def main(cfg: DictConfig) -> None:
     from experiments.data import read_manifest
     from experiments.serving.engine import close_llm, make_llm
     from experiments.serving.long_form import engine_len
-    from experiments.training.base import default_base
+    from experiments.training.base import default_base, default_manifests
 
     if cfg.compare:
         missing = [d for d in cfg.compare if not (Path(d) / "streaming.json").is_file()]
@@ -574,8 +574,7 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit("give audio files (files=[a.wav]), or demo=true, or compare=[demo out_dirs]")
     model = Path(cfg.model) if cfg.model else default_base()[0]
     if cfg.demo:
-        manifests = default_base()[1]
-        rows = read_manifest(manifests["test"])[: cfg.utterances]
+        rows = read_manifest(default_manifests()["test"])[: cfg.utterances]
         r = streaming_eval(model, rows, settings, cfg.long_clips, cfg.long_s, cfg.rounds, Path(cfg.out_dir))
         print(format_report(r))
         print(f"-> {cfg.out_dir}/streaming.json, streaming.png")

@@ -59,15 +59,23 @@ def default_config(overrides: list[str] | None = None):
         restore_gh_from_backup(outer)
 
 
+def default_manifests(cfg=None) -> dict[str, Path]:
+    """The corpus's data manifests (train, dev, test, ...) as `make run` builds them, built if
+    missing; no base checkpoint is built. `cfg` is a composed main config (default: the default one)."""
+    from omegaconf import OmegaConf
+
+    cfg = cfg if cfg is not None else default_config()
+    return ensure_data(OmegaConf.to_container(cfg.data, resolve=True), Path(cfg.artifacts_dir))
+
+
 def default_base(model: str | None = None) -> tuple[Path, dict[str, Path]]:
     """The default config's base checkpoint (or that of `model=<model>`) and data manifests,
     built if missing: what `make run` trains and evaluates on."""
     from omegaconf import OmegaConf
 
     cfg = default_config([f"model={model}"] if model else None)
-    artifacts = Path(cfg.artifacts_dir)
-    manifests = ensure_data(OmegaConf.to_container(cfg.data, resolve=True), artifacts)
-    return ensure_base(OmegaConf.to_container(cfg.model, resolve=True), manifests, artifacts), manifests
+    manifests = default_manifests(cfg)
+    return ensure_base(OmegaConf.to_container(cfg.model, resolve=True), manifests, Path(cfg.artifacts_dir)), manifests
 
 
 def ensure_base(model: dict, manifests: dict[str, Path], artifacts: Path, trainer=None) -> Path:
