@@ -47,11 +47,22 @@ def _anchor(name: str) -> Command:
                                  f"hydra.run.dir={out / name}"]
 
 
+def _smollm2_hotwords(name: str, *args: str) -> Command:
+    """experiments.benchmarks.hotwords on the smollm2 base, aligned with lists at SMOLLM2_HOTWORDS."""
+    return lambda out, base, m: [*PY, "experiments.benchmarks.hotwords", "model=smollm2", *args,
+                                 f"hotwords_overrides=[{','.join(SMOLLM2_HOTWORDS)}]", f"hydra.run.dir={out / name}"]
+
+
 # entries run on another model's base than the default (tiny): name -> model config
 ENTRY_MODELS = {"small_base_wer": "small", "small_base_wer_noisy": "small",
                 "scratch_base_wer": "tiny-scratch", "scratch_base_wer_noisy": "tiny-scratch",
                 "smollm2_anchor": "smollm2", "streaming_smollm2": "smollm2", "long_form_smollm2": "smollm2",
-                "hotwords_smollm2": "smollm2"}
+                "hotwords_smollm2": "smollm2", "hotwords_smollm2_lists": "smollm2",
+                "hotwords_smollm2_prose": "smollm2"}
+# experiment=hotwords on the smollm2 base: its stack-4 projector, lists of at most 20
+# distractors (a 100-word list would pad training rows of ~60 tokens to ~500), 300 steps
+SMOLLM2_HOTWORDS = ['"projector.stack=4"', '"train.steps=300"', '"train.lr=1e-3"', '"train.batch_size=8"',
+                    '"train.hotwords.max_distractors=20"']
 ALL_SPLITS = "splits=[test,test_noisy,test_prose,test_prose_noisy]"
 
 
@@ -118,6 +129,12 @@ def entries() -> dict[str, tuple[str, Command]]:
         "hotwords_smollm2": ("docs/hotwords.md: the smollm2 base, never shown a list, given one", lambda out, base, m: [
             *PY, "experiments.benchmarks.hotwords", "model=smollm2", "systems=[base,whisper]", "distractors=[0,100]",
             f"hydra.run.dir={out / 'hotwords_smollm2'}"]),
+        "hotwords_smollm2_lists": ("docs/hotwords.md: the smollm2 base aligned with lists (LoRA r8, 300 steps)",
+                                   _smollm2_hotwords("hotwords_smollm2_lists", "systems=[hotwords]",
+                                                     "distractors=[0,100,500]")),
+        "hotwords_smollm2_prose": ("docs/hotwords.md: the same, the base and Whisper tiny.en on test_prose",
+                                   _smollm2_hotwords("hotwords_smollm2_prose", "split=test_prose",
+                                                     "systems=[hotwords,base,whisper]", "distractors=[0,100]")),
     }
 
 
