@@ -129,8 +129,8 @@ def entries() -> dict[str, tuple[str, Command]]:
         "hotwords_smollm2": ("docs/hotwords.md: the smollm2 base, never shown a list, given one", lambda out, base, m: [
             *PY, "experiments.benchmarks.hotwords", "model=smollm2", "systems=[base,whisper]", "distractors=[0,100]",
             f"hydra.run.dir={out / 'hotwords_smollm2'}"]),
-        "hotwords_smollm2_lists": ("docs/hotwords.md: the smollm2 base aligned with lists (LoRA r8, 300 steps)",
-                                   _smollm2_hotwords("hotwords_smollm2_lists", "systems=[hotwords]",
+        "hotwords_smollm2_lists": ("docs/hotwords.md: the smollm2 base aligned with and without lists (LoRA r8, 300 steps)",
+                                   _smollm2_hotwords("hotwords_smollm2_lists", "systems=[hotwords,plain]",
                                                      "distractors=[0,100,500]")),
         "hotwords_smollm2_prose": ("docs/hotwords.md: the same, the base and Whisper tiny.en on test_prose",
                                    _smollm2_hotwords("hotwords_smollm2_prose", "split=test_prose",
