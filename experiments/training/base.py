@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from experiments.data import tokenizer_corpus
 from experiments.data.prepare import ensure_data, short_hash
 from qwen2_audio_vllm.checkpoint import cache_lock, cache_root
 from qwen2_audio_vllm.tiny import TinySpec, build_hub_tiny, build_tiny_checkpoint
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def random_tiny_dir(spec: TinySpec = TinySpec()) -> Path:
@@ -59,7 +63,7 @@ def default_config(overrides: list[str] | None = None):
         restore_gh_from_backup(outer)
 
 
-def default_manifests(cfg=None) -> dict[str, Path]:
+def default_manifests(cfg: DictConfig | None = None) -> dict[str, Path]:
     """The corpus's data manifests (train, dev, test, ...) as `make run` builds them, built if
     missing; no base checkpoint is built. `cfg` is a composed main config (default: the default one)."""
     from omegaconf import OmegaConf
